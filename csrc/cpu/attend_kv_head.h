@@ -1,0 +1,119 @@
+// One KV head's worth of decode/verify attention on CPU: the Qn x G query rows of a
+// GQA group attend to a list of cache positions with an online softmax, one
+// kKeyBlock-wide block at a time, so each K/V row is converted once for the group.
+// sparse_attention and dense_attention differ only in the position list they pass.
+#pragma once
+
+#include "cpu/block_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace std_ext::cpu {
+
+// Strided views of one (sequence, KV head): rows are base + i * stride_i + j * stride_j.
+template <typename T>
+struct QueryGroupView {
+  T* base;             // query 0, head 0 of the group, element 0
+  int64_t query_stride;  // between queries i and i + 1
+  int64_t head_stride;   // between heads j and j + 1 of the group
+};
+
+template <typename T>
+struct CacheHeadView {
+  const T* base;       // position 0, element 0
+  int64_t row_stride;  // between positions s and s + 1
+};
+
+// Scratch buffers of one thread, reused across the (sequence, KV head) tasks it runs.
+class AttendScratch {
+ public:
+  void resize(int64_t rows, int64_t head_dim) {
+    padded_rows_ = round_up(rows, kRowTile);
+    q_.assign(padded_rows_ * head_dim, 0.f);
+    acc_.assign(padded_rows_ * head_dim, 0.f);
+    p_.assign(padded_rows_ * kKeyBlock, 0.f);
+    kT_.resize(head_dim * kKeyBlock);
+    v_.resize(kKeyBlock * head_dim);
+    row_max_.assign(rows, -std::numeric_limits<float>::infinity());
+    row_sum_.assign(rows, 0.f);
+  }
+
+  int64_t padded_rows_ = 0;
+  std::vector<float> q_, acc_, p_, kT_, v_, row_max_, row_sum_;
+};
+
+// The queries of one group attend to `positions` (any order; each at most once).
+// Row r = i * group + j is query i, head j. Query i sits at position
+// first_query_pos + i and sees a listed position s when s < always_visible_below or
+// s <= its own position. A row that sees nothing gets zeros.
+template <typename T>
+void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t group, const CacheHeadView<T>& k,
+                    const CacheHeadView<T>& v, const std::vector<int64_t>& positions, int64_t always_visible_below,
+                    int64_t first_query_pos, float scale, int64_t head_dim, const QueryGroupView<T>& out,
+                    AttendScratch& scratch) {
+  const int64_t rows = q_len * group;
+  scratch.resize(rows, head_dim);
+  for (int64_t i = 0; i < q_len; ++i) {
+    for (int64_t j = 0; j < group; ++j) {
+      const T* src = q.base + i * q.query_stride + j * q.head_stride;
+      float* dst = scratch.q_.data() + (i * group + j) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+    }
+  }
+
+  const int64_t total = static_cast<int64_t>(positions.size());
+  for (int64_t start = 0; start < total; start += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, total - start);
+    const int64_t* block = positions.data() + start;
+    load_keys_transposed(k.base, k.row_stride, block, n, head_dim, scratch.kT_.data());
+    load_values(v.base, v.row_stride, block, n, head_dim, scratch.v_.data());
+    block_logits(scratch.q_.data(), scratch.padded_rows_, head_dim, scratch.kT_.data(), scratch.p_.data(),
+                 kKeyBlock);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      float* p = scratch.p_.data() + r * kKeyBlock;
+      const int64_t own_pos = first_query_pos + r / group;
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const bool visible = j < n && (block[j] < always_visible_below || block[j] <= own_pos);
+        if (!visible) p[j] = -std::numeric_limits<float>::infinity();
+        block_max = std::max(block_max, p[j]);
+      }
+      if (block_max == -std::numeric_limits<float>::infinity()) {
+        std::fill(p, p + kKeyBlock, 0.f);
+        continue;
+      }
+      const float old_max = scratch.row_max_[r];
+      const float new_max = std::max(old_max, block_max);
+      const float block_sum = exp_shifted_and_sum(p, kKeyBlock, new_max);
+      if (new_max != old_max) {
+        const float alpha = std::exp(old_max - new_max);  // 0 on the first visible block
+        float* acc = scratch.acc_.data() + r * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) acc[d] *= alpha;
+        scratch.row_sum_[r] *= alpha;
+      }
+      scratch.row_sum_[r] += block_sum;
+      scratch.row_max_[r] = new_max;
+    }
+    // Padding rows (zero queries) must add nothing.
+    std::fill(scratch.p_.begin() + rows * kKeyBlock, scratch.p_.end(), 0.f);
+    block_weighted_sum(scratch.p_.data(), scratch.padded_rows_, head_dim, scratch.v_.data(), scratch.acc_.data());
+  }
+
+  for (int64_t i = 0; i < q_len; ++i) {
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t r = i * group + j;
+      const float sum = scratch.row_sum_[r];
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float* acc = scratch.acc_.data() + r * head_dim;
+      T* dst = out.base + i * out.query_stride + j * out.head_stride;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[d] * inv);
+    }
+  }
+}
+
+}  // namespace std_ext::cpu

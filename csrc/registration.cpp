@@ -1,0 +1,27 @@
+// The one registration file: every torch.ops.std schema lives here. Backends only
+// register implementations (csrc/cpu/*_kernel.cpp, csrc/cuda/*_kernel.cu), and the
+// fake (meta) kernels for torch.compile are registered from std_ext/ops.py.
+// Semantics: ../shared/DESIGN.md §3 (mirrored in README.md).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import std_ext._C` only needs to load this library: loading runs the static
+// registrations below. The module itself is empty (and ABI-stable: Py_LIMITED_API).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(std, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def("attention_scores(Tensor q, Tensor k_cache, Tensor q_pos, float scale) -> Tensor", tags);
+  m.def("topk_indices(Tensor scores, Tensor candidates, int k) -> Tensor", tags);
+  m.def(
+      "sparse_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor tail_start, "
+      "Tensor kv_len, float scale) -> Tensor",
+      tags);
+  m.def("dense_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_len, float scale) -> Tensor",
+        tags);
+}

@@ -1,0 +1,20 @@
+"""std_ext: Sparse-to-Dense decoding kernels for long-context (video) LLMs.
+
+Importing the package loads the compiled extension, which registers the operators
+``torch.ops.std.attention_scores``, ``topk_indices``, ``sparse_attention`` and
+``dense_attention``; :mod:`std_ext.ops` holds their typed wrappers.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.std.*)
+from .ops import attention_scores, dense_attention, sparse_attention, topk_indices
+
+__version__ = "0.1.0"
+
+__all__ = ["attention_scores", "topk_indices", "sparse_attention", "dense_attention", "cuda_kernels_built"]
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of std_ext registered CUDA kernels for its operators."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("std::dense_attention", "CUDA")
