@@ -51,7 +51,7 @@ def openmp_flags() -> list[str]:
 
 
 def extension():
-    cxx_flags = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x030A0000"] + openmp_flags()
+    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x030A0000"] + openmp_flags()
     cpp_sources = sources("csrc/**/*.cpp")
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -63,7 +63,7 @@ def extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DSTD_EXT_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DSTD_EXT_WITH_CUDA"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSTD_EXT_WITH_CUDA"],
             },
             extra_link_args=openmp_flags(),
             py_limited_api=True,

@@ -46,7 +46,7 @@ class AttendScratch {
   std::vector<float> q_, acc_, p_, kT_, v_, row_max_, row_sum_;
 };
 
-// The queries of one group attend to `positions` (any order; each at most once).
+// The queries of one group attend to `positions` (ascending, each at most once).
 // Row r = i * group + j is query i, head j. Query i sits at position
 // first_query_pos + i and sees a listed position s when s < always_visible_below or
 // s <= its own position. A row that sees nothing gets zeros.
@@ -76,14 +76,12 @@ void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t gro
 
     for (int64_t r = 0; r < rows; ++r) {
       float* p = scratch.p_.data() + r * kKeyBlock;
+      // Positions ascend, so the ones this row sees form a prefix of the block.
       const int64_t own_pos = first_query_pos + r / group;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < kKeyBlock; ++j) {
-        const bool visible = j < n && (block[j] < always_visible_below || block[j] <= own_pos);
-        if (!visible) p[j] = -std::numeric_limits<float>::infinity();
-        block_max = std::max(block_max, p[j]);
-      }
-      if (block_max == -std::numeric_limits<float>::infinity()) {
+      const int64_t last_visible = std::max(always_visible_below - 1, own_pos);
+      const int64_t visible = std::upper_bound(block, block + n, last_visible) - block;
+      const float block_max = mask_and_max(p, visible);
+      if (visible == 0) {
         std::fill(p, p + kKeyBlock, 0.f);
         continue;
       }

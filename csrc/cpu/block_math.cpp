@@ -1,23 +1,39 @@
 #include "cpu/block_math.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
-// The portable build targets baseline x86-64 (SSE2). On x86-64 Linux the hot
-// primitives are also compiled for Haswell-class CPUs (AVX2 + FMA + F16C) and the
-// loader picks the clone once, at startup. Loops are written so the compiler can
-// vectorize them: fixed-size register tiles, no reductions across vector lanes
-// except where `omp simd` says so.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define STD_EXT_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+// The portable build targets baseline x86-64 (SSE2). With GCC >= 12 on x86-64 Linux
+// the hot primitives are also compiled for x86-64-v3 (AVX2 + FMA + F16C, any vendor)
+// and the loader picks a clone once, by CPU features. ("arch=haswell" would not do:
+// it matches the CPU model, so AMD CPUs would get the baseline clone.)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define STD_EXT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define STD_EXT_MULTIVERSION
 #endif
 
 #define STD_EXT_INLINE inline __attribute__((always_inline))
 
+// The 32-byte vector helpers are always inlined into a clone, so no AVX vector ever
+// crosses a call boundary with a mismatched ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace std_ext::cpu {
 namespace {
+
+// GCC/Clang vector extensions: 8 floats, one AVX register in the Haswell clone (two
+// SSE registers in the baseline one). Register tiles are written with them explicitly
+// because the auto-vectorizer spills small accumulator arrays to the stack.
+typedef float Vec __attribute__((vector_size(32)));
+typedef int32_t IntVec __attribute__((vector_size(32)));
+typedef float UnalignedVec __attribute__((vector_size(32), aligned(4), may_alias));
+constexpr int64_t kLanes = 8;
+
+STD_EXT_INLINE Vec load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+STD_EXT_INLINE void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+STD_EXT_INLINE Vec broadcast(float x) { return Vec{} + x; }
 
 template <typename T>
 STD_EXT_INLINE void load_keys_transposed_impl(const T* base, int64_t row_stride, const int64_t* positions,
@@ -42,28 +58,26 @@ STD_EXT_INLINE void load_values_impl(const T* base, int64_t row_stride, const in
   std::memset(v + n * head_dim, 0, sizeof(float) * (kKeyBlock - n) * head_dim);
 }
 
-// exp(x) for the softmax, vectorizable (std::exp is a libm call per element).
-// Range reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial:
-// about 1 ulp on [-87, 88]. Inputs below -87 (masked keys, -inf) give exactly 0.
-STD_EXT_INLINE float exp_for_softmax(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float clamped = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
+// exp(x) for the softmax on 8 lanes (std::exp is a libm call per element). Range
+// reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6 polynomial: about
+// 1 ulp on [-87, 88]. Lanes below -87 (masked keys, -inf) give exactly 0; NaN stays NaN.
+STD_EXT_INLINE Vec exp_for_softmax(Vec x) {
+  const Vec lo = broadcast(-87.f), hi = broadcast(88.f);
+  Vec c = x < lo ? lo : x;
+  c = c > hi ? hi : c;
+  const Vec round_magic = broadcast(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (c * 1.44269504088896341f + round_magic) - round_magic;
+  const Vec r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
+  Vec p = broadcast(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent_bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
+  const IntVec exponent = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  const Vec result = p * (Vec)exponent;
+  return x < lo ? Vec{} : result;
 }
 
 }  // namespace
@@ -96,21 +110,26 @@ STD_EXT_MULTIVERSION void load_values(const c10::BFloat16* base, int64_t row_str
 
 STD_EXT_MULTIVERSION void block_logits(const float* q, int64_t rows, int64_t head_dim, const float* kT,
                                        float* logits, int64_t ld) {
-  // Register tile: kRowTile rows x 16 keys (two AVX vectors per row).
-  constexpr int64_t kKeys = 16;
+  // Register tile: kRowTile rows x 16 keys = 8 accumulators; each logit is a sum over d
+  // in order, whatever the tile it lands in.
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const float* q_tile = q + r0 * head_dim;
-    for (int64_t j0 = 0; j0 < kKeyBlock; j0 += kKeys) {
-      float acc[kRowTile][kKeys] = {};
+    for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 2 * kLanes) {
+      Vec acc[kRowTile][2] = {};
       for (int64_t d = 0; d < head_dim; ++d) {
-        const float* k_col = kT + d * kKeyBlock + j0;
+        const Vec k0 = load(kT + d * kKeyBlock + j0);
+        const Vec k1 = load(kT + d * kKeyBlock + j0 + kLanes);
+#pragma GCC unroll 4
         for (int64_t i = 0; i < kRowTile; ++i) {
-          const float qv = q_tile[i * head_dim + d];
-          for (int64_t j = 0; j < kKeys; ++j) acc[i][j] += qv * k_col[j];
+          const Vec qv = broadcast(q_tile[i * head_dim + d]);
+          acc[i][0] += qv * k0;
+          acc[i][1] += qv * k1;
         }
       }
+#pragma GCC unroll 4
       for (int64_t i = 0; i < kRowTile; ++i) {
-        std::memcpy(logits + (r0 + i) * ld + j0, acc[i], sizeof(acc[i]));
+        store(logits + (r0 + i) * ld + j0, acc[i][0]);
+        store(logits + (r0 + i) * ld + j0 + kLanes, acc[i][1]);
       }
     }
   }
@@ -118,46 +137,82 @@ STD_EXT_MULTIVERSION void block_logits(const float* q, int64_t rows, int64_t hea
 
 STD_EXT_MULTIVERSION void block_weighted_sum(const float* p, int64_t rows, int64_t head_dim, const float* v,
                                              float* acc) {
-  // Register tile: kRowTile rows x 16 output dims; the tail of head_dim runs the same
-  // loop with a shorter width, so any head_dim works.
-  constexpr int64_t kDims = 16;
+  // Register tile: kRowTile rows x 16 output dims = 8 accumulators; the tail of head_dim
+  // (head_dim % 16) runs a scalar loop, so any head_dim works.
+  const int64_t vector_dims = head_dim / (2 * kLanes) * (2 * kLanes);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const float* p_tile = p + r0 * kKeyBlock;
-    for (int64_t d0 = 0; d0 < head_dim; d0 += kDims) {
-      if (d0 + kDims <= head_dim) {
-        float tile[kRowTile][kDims];
-        for (int64_t i = 0; i < kRowTile; ++i) std::memcpy(tile[i], acc + (r0 + i) * head_dim + d0, sizeof(tile[i]));
-        for (int64_t j = 0; j < kKeyBlock; ++j) {
-          const float* v_row = v + j * head_dim + d0;
-          for (int64_t i = 0; i < kRowTile; ++i) {
-            const float pj = p_tile[i * kKeyBlock + j];
-            for (int64_t d = 0; d < kDims; ++d) tile[i][d] += pj * v_row[d];
-          }
+    float* acc_tile = acc + r0 * head_dim;
+    for (int64_t d0 = 0; d0 < vector_dims; d0 += 2 * kLanes) {
+      Vec tile[kRowTile][2];
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        tile[i][0] = load(acc_tile + i * head_dim + d0);
+        tile[i][1] = load(acc_tile + i * head_dim + d0 + kLanes);
+      }
+      for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const Vec v0 = load(v + j * head_dim + d0);
+        const Vec v1 = load(v + j * head_dim + d0 + kLanes);
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          const Vec pj = broadcast(p_tile[i * kKeyBlock + j]);
+          tile[i][0] += pj * v0;
+          tile[i][1] += pj * v1;
         }
-        for (int64_t i = 0; i < kRowTile; ++i) std::memcpy(acc + (r0 + i) * head_dim + d0, tile[i], sizeof(tile[i]));
-      } else {
-        const int64_t width = head_dim - d0;
-        for (int64_t j = 0; j < kKeyBlock; ++j) {
-          const float* v_row = v + j * head_dim + d0;
-          for (int64_t i = 0; i < kRowTile; ++i) {
-            const float pj = p_tile[i * kKeyBlock + j];
-            float* a = acc + (r0 + i) * head_dim + d0;
-            for (int64_t d = 0; d < width; ++d) a[d] += pj * v_row[d];
-          }
-        }
+      }
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        store(acc_tile + i * head_dim + d0, tile[i][0]);
+        store(acc_tile + i * head_dim + d0 + kLanes, tile[i][1]);
+      }
+    }
+    for (int64_t i = 0; i < kRowTile; ++i) {
+      for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const float pj = p_tile[i * kKeyBlock + j];
+        for (int64_t d = vector_dims; d < head_dim; ++d) acc_tile[i * head_dim + d] += pj * v[j * head_dim + d];
       }
     }
   }
 }
 
+STD_EXT_MULTIVERSION float mask_and_max(float* logits, int64_t visible) {
+  const Vec minus_inf = broadcast(-std::numeric_limits<float>::infinity());
+  Vec max = minus_inf;
+  for (int64_t j = 0; j < kKeyBlock; j += kLanes) {
+    Vec x = load(logits + j);
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      if (j + lane >= visible) x[lane] = minus_inf[lane];
+    }
+    store(logits + j, x);
+    max = x > max ? x : max;
+  }
+  float result = max[0];
+  for (int64_t lane = 1; lane < kLanes; ++lane) result = std::max(result, max[lane]);
+  return result;
+}
+
 STD_EXT_MULTIVERSION float exp_shifted_and_sum(float* x, int64_t n, float shift) {
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_for_softmax(x[i] - shift);
-  // Lane-wise partial sums: the grouping depends only on n, and the online softmax
-  // always passes full blocks, so it stays independent of the call's other rows.
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += x[i];
-  return sum;
+  // Lane-wise partial sums, then the lanes in order: the grouping depends only on n,
+  // and the online softmax always passes full blocks.
+  Vec sum = {};
+  const Vec shift_v = broadcast(shift);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec e = exp_for_softmax(load(x + i) - shift_v);
+    store(x + i, e);
+    sum += e;
+  }
+  if (i < n) {  // the tail goes through the same vector code, padded with -inf (exp -> 0)
+    float tail[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) tail[j] = i + j < n ? x[i + j] : -std::numeric_limits<float>::infinity();
+    const Vec e = exp_for_softmax(load(tail) - shift_v);
+    store(tail, e);
+    for (int64_t j = 0; i + j < n; ++j) x[i + j] = tail[j];
+    sum += e;
+  }
+  float total = 0.f;
+  for (int64_t lane = 0; lane < kLanes; ++lane) total += sum[lane];
+  return total;
 }
 
 }  // namespace std_ext::cpu

@@ -45,7 +45,11 @@ void block_logits(const float* q, int64_t rows, int64_t head_dim, const float* k
 //   p: [rows, kKeyBlock] with rows a multiple of kRowTile; v: [kKeyBlock, head_dim]; acc: [rows, head_dim].
 void block_weighted_sum(const float* p, int64_t rows, int64_t head_dim, const float* v, float* acc);
 
-// x[i] = exp(x[i] - shift) for i < n; returns the sum of the new x (summed in order).
+// Sets logits[j] = -inf for visible <= j < kKeyBlock; returns the max of logits[0, visible)
+// (-inf when visible == 0).   logits: [kKeyBlock]
+float mask_and_max(float* logits, int64_t visible);
+
+// x[i] = exp(x[i] - shift) for i < n; returns their sum. exp(-inf) is exactly 0.
 float exp_shifted_and_sum(float* x, int64_t n, float shift);
 
 }  // namespace std_ext::cpu
