@@ -7,7 +7,15 @@ Importing the package loads the compiled extension, which registers the operator
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.std.*)
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.std.*)
+except ImportError as error:  # pragma: no cover - depends on how std_ext was installed
+    raise ImportError(
+        f"std_ext's compiled extension could not be loaded ({error}). Build it against the installed "
+        "torch with `pip install --no-build-isolation .`, or `python setup.py build_ext --inplace` to "
+        "use this source tree; an std_ext/ directory without _C*.so shadows an installed copy when "
+        "Python runs from the repository root."
+    ) from error
 from .ops import attention_scores, dense_attention, sparse_attention, topk_indices
 
 __version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""Shared fixtures and input builders for the std_ext op tests.
+
+- ``device``: "cpu" and "cuda"; cuda skips without a GPU, and skips while an op the
+  test calls has no CUDA kernel (the ops: ``@pytest.mark.std_ops(...)``, else an ``op``
+  parameter, else all four).
+- ``gen``: a torch.Generator seeded from the test's node id (differs per parametrization).
+- Builders return inputs with the layouts the ops must accept: q as a transposed
+  [B,H,Q,D] tensor, caches as views into a bigger buffer. Every slot an op must not
+  read (past kv_len / past the last queried position, other heads, extra capacity,
+  padding of the last dim) holds POISON, so an out-of-range read shows in the result.
+"""
+
+import re
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import std_ext  # noqa: E402,F401  (registers torch.ops.std.*)
+
+OPS = ("attention_scores", "topk_indices", "sparse_attention", "dense_attention")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Bound on ||out - ref|| / ||ref|| for the attention outputs, per output dtype.
+ATTN_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+SCORES_TOL = 1e-5  # attention_scores: float32 output for every input dtype
+POISON = float("nan")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "std_ops(*names): std ops a test calls (cuda skips until they have a CUDA kernel)"
+    )
+
+
+def has_cuda_kernel(op):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"std::{op}", "CUDA")
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("CUDA is not available")
+        marker = request.node.get_closest_marker("std_ops")
+        params = getattr(request.node, "callspec", None)
+        op_param = params.params.get("op") if params else None
+        ops = marker.args if marker else (op_param,) if op_param in OPS else OPS
+        missing = [op for op in ops if not has_cuda_kernel(op)]
+        if missing:
+            pytest.skip(f"no CUDA kernel registered yet for std::{', std::'.join(missing)}")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def poison_fresh_outputs():
+    """Every tensor an op allocates starts as NaN (ints: their max value): PyTorch's
+    deterministic mode fills fresh at::empty memory, so an output element a kernel
+    forgets to write fails the comparison instead of passing on leftover memory."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.fixture
+def gen(request):
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def ints(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def poison(cache, valid_len):
+    """In place: cache[b, :, s] = POISON for every slot s >= valid_len[b] (garbage slots)."""
+    for b, n in enumerate(valid_len):
+        cache[b, :, n:] = POISON
+    return cache
+
+
+def make_q(B, Qn, H, D, dtype, device, gen, strided=True):
+    """q [B,Qn,H,D]. strided: a [B,H,Qn,D+pad] buffer sliced to D and transposed(1,2);
+    the padding holds POISON."""
+    if not strided:
+        return torch.randn(B, Qn, H, D, generator=gen).to(dtype).to(device)
+    buf = torch.full((B, H, Qn, D + 8), POISON)
+    buf[..., :D] = torch.randn(B, H, Qn, D, generator=gen)
+    return buf.to(dtype).to(device)[..., :D].transpose(1, 2)
+
+
+def make_cache(B, H, S, D, valid_len, dtype, device, gen, strided=True):
+    """Cache [B,H,S,D]; slots s >= valid_len[b] hold POISON. strided: a view
+    big[:, 1:1+H, 3:3+S, :D] of a bigger POISON-filled buffer (extra heads, extra
+    capacity on both sides, padded last dim)."""
+    vals = poison(torch.randn(B, H, S, D, generator=gen), valid_len)
+    if not strided:
+        return vals.to(dtype).to(device)
+    big = torch.full((B, H + 2, S + 9, D + 16), POISON)
+    big[:, 1 : 1 + H, 3 : 3 + S, :D] = vals
+    return big.to(dtype).to(device)[:, 1 : 1 + H, 3 : 3 + S, :D]
+
+
+def make_indices(tail_start, Hkv, N, gen, device):
+    """indices [B,Hkv,N]: per (b,h) a random number (0..min(N, tail_start[b])) of
+    distinct positions < tail_start[b] (gaps in between), ascending, then -1 padding."""
+    B = len(tail_start)
+    out = torch.full((B, Hkv, N), -1, dtype=torch.int32)
+    for b, ts in enumerate(tail_start):
+        for h in range(Hkv):
+            n = int(torch.randint(0, min(N, ts) + 1, (1,), generator=gen))
+            pos = torch.randperm(ts, generator=gen)[:n].sort().values
+            out[b, h, :n] = pos.to(torch.int32)
+    return out.to(device)
+
+
+def randint(lo, hi, gen):
+    """Uniform integer in [lo, hi] (inclusive)."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 (plain ||out|| when ref is all zero); NaN-aware."""
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    num = (out64 - ref64).norm().item()
+    den = ref64.norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_attention_output(out, q, ref):
+    """Attention output: new contiguous tensor, q's dtype/device/shape, close to ref."""
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert out.is_contiguous()
+    assert out.data_ptr() != q.data_ptr()
+    assert not out.isnan().any(), "output has NaN (poisoned slot read?)"
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[q.dtype], f"relative error {err:.3g} >= {ATTN_TOL[q.dtype]:g}"
+
+
+def names_word(msg, name):
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", msg) is not None
+
+
+def assert_raises_naming(fn, op, *names):
+    """fn() raises RuntimeError whose message names op and every argument in names
+    (as a whole word; "a|b" accepts either)."""
+    with pytest.raises(RuntimeError) as info:
+        fn()
+    msg = str(info.value)
+    assert op in msg, f"message does not name {op!r}: {msg}"
+    for name in names:
+        assert any(names_word(msg, n) for n in name.split("|")), f"message does not name argument {name!r}: {msg}"
+
+
+# ----------------------------------------------------------------------------- cases
+
+# Context cases shared by the attention tests: name -> (kv_len per sequence, capacity S).
+CTX_CASES = ("b1-eq", "b1-37", "b1-1000", "b3-ragged")
+
+
+def ctx_lengths(name, Qn):
+    """kv_len list and cache capacity S for a context case (kv_len >= Qn always)."""
+    return {
+        "b1-eq": ([Qn], Qn + 5),  # kv_len == Qn: the queries are the whole context
+        "b1-37": ([37], 37),  # kv_len == S: cache full
+        "b1-1000": ([1000], 1003),
+        "b3-ragged": ([130, Qn, 37], 133),
+    }[name]

@@ -1,0 +1,64 @@
+"""dense_attention vs the float64 reference."""
+
+import pytest
+import torch
+from conftest import (
+    CTX_CASES,
+    FLOAT_DTYPES,
+    assert_attention_output,
+    ctx_lengths,
+    ints,
+    make_cache,
+    make_q,
+)
+from reference import dense_attention_ref
+
+import std_ext
+
+pytestmark = pytest.mark.std_ops("dense_attention")
+HKV = 2
+
+
+def dense_inputs(B_lens, S, Qn, G, D, dtype, device, gen, strided=True):
+    B = len(B_lens)
+    q = make_q(B, Qn, HKV * G, D, dtype, device, gen, strided)
+    k = make_cache(B, HKV, S, D, B_lens, dtype, device, gen, strided)
+    v = make_cache(B, HKV, S, D, B_lens, dtype, device, gen, strided)
+    return q, k, v, ints(B_lens, device)
+
+
+@pytest.mark.parametrize("Qn", [1, 10])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 7])
+@pytest.mark.parametrize("ctx", CTX_CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_dense_matches_reference(device, gen, dtype, ctx, G, D, Qn):
+    kv_len, S = ctx_lengths(ctx, Qn)
+    q, k, v, kv = dense_inputs(kv_len, S, Qn, G, D, dtype, device, gen)
+    scale = 1.3 * D**-0.5
+    out = std_ext.ops.dense_attention(q, k, v, kv, scale=scale)
+    assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, scale))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_dense_contiguous_inputs(device, gen, dtype):
+    q, k, v, kv = dense_inputs([20, 7], 24, 7, 4, 64, dtype, device, gen, strided=False)
+    out = torch.ops.std.dense_attention(q, k, v, kv, 0.125)
+    assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, 0.125))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_large_logits(device, gen, dtype):
+    """Logits in the hundreds: softmax must subtract the max (no overflow / NaN)."""
+    q, k, v, kv = dense_inputs([300, 41], 310, 10, 7, 128, dtype, device, gen)
+    scale = 40.0 * 128**-0.5
+    out = std_ext.ops.dense_attention(q, k, v, kv, scale=scale)
+    assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, scale))
+
+
+def test_dense_default_scale_and_reexport(device, gen):
+    q, k, v, kv = dense_inputs([33, 12], 40, 3, 4, 128, torch.float32, device, gen)
+    assert std_ext.dense_attention is std_ext.ops.dense_attention
+    out = std_ext.dense_attention(q, k, v, kv)
+    assert torch.equal(out, torch.ops.std.dense_attention(q, k, v, kv, 128**-0.5))
+    assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, 128**-0.5))
