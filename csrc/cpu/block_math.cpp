@@ -108,68 +108,88 @@ STD_EXT_MULTIVERSION void load_values(const c10::BFloat16* base, int64_t row_str
   load_values_impl(base, row_stride, positions, n, head_dim, v);
 }
 
+// Register tiles are kRowTile rows x kVecs vectors: 12 accumulators (kVecs = 3) keep
+// both FMA pipes busy through the FMA latency while leaving registers for the operands.
+template <int kVecs>
+STD_EXT_INLINE void logits_tile(const float* q_tile, int64_t head_dim, const float* kT, float* logits, int64_t ld) {
+  Vec acc[kRowTile][kVecs] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    Vec k[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) k[v] = load(kT + d * kKeyBlock + v * kLanes);
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < kRowTile; ++i) {
+      const Vec qv = broadcast(q_tile[i * head_dim + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) acc[i][v] += qv * k[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < kRowTile; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) store(logits + i * ld + v * kLanes, acc[i][v]);
+  }
+}
+
+template <int kVecs>
+STD_EXT_INLINE void weighted_sum_tile(const float* p_tile, int64_t head_dim, const float* v, float* acc_tile) {
+  Vec tile[kRowTile][kVecs];
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < kRowTile; ++i) {
+#pragma GCC unroll 4
+    for (int w = 0; w < kVecs; ++w) tile[i][w] = load(acc_tile + i * head_dim + w * kLanes);
+  }
+  for (int64_t j = 0; j < kKeyBlock; ++j) {
+    Vec vj[kVecs];
+#pragma GCC unroll 4
+    for (int w = 0; w < kVecs; ++w) vj[w] = load(v + j * head_dim + w * kLanes);
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < kRowTile; ++i) {
+      const Vec pj = broadcast(p_tile[i * kKeyBlock + j]);
+#pragma GCC unroll 4
+      for (int w = 0; w < kVecs; ++w) tile[i][w] += pj * vj[w];
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < kRowTile; ++i) {
+#pragma GCC unroll 4
+    for (int w = 0; w < kVecs; ++w) store(acc_tile + i * head_dim + w * kLanes, tile[i][w]);
+  }
+}
+
 STD_EXT_MULTIVERSION void block_logits(const float* q, int64_t rows, int64_t head_dim, const float* kT,
                                        float* logits, int64_t ld) {
-  // Register tile: kRowTile rows x 16 keys = 8 accumulators; each logit is a sum over d
-  // in order, whatever the tile it lands in.
+  // Key tiles of 24, 24 and 16: each logit is a sum over d in order, whatever its tile.
+  static_assert(kKeyBlock == 64, "key tiling below assumes 64-key blocks");
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const float* q_tile = q + r0 * head_dim;
-    for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 2 * kLanes) {
-      Vec acc[kRowTile][2] = {};
-      for (int64_t d = 0; d < head_dim; ++d) {
-        const Vec k0 = load(kT + d * kKeyBlock + j0);
-        const Vec k1 = load(kT + d * kKeyBlock + j0 + kLanes);
-#pragma GCC unroll 4
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          const Vec qv = broadcast(q_tile[i * head_dim + d]);
-          acc[i][0] += qv * k0;
-          acc[i][1] += qv * k1;
-        }
-      }
-#pragma GCC unroll 4
-      for (int64_t i = 0; i < kRowTile; ++i) {
-        store(logits + (r0 + i) * ld + j0, acc[i][0]);
-        store(logits + (r0 + i) * ld + j0 + kLanes, acc[i][1]);
-      }
-    }
+    float* out = logits + r0 * ld;
+    logits_tile<3>(q_tile, head_dim, kT, out, ld);
+    logits_tile<3>(q_tile, head_dim, kT + 3 * kLanes, out + 3 * kLanes, ld);
+    logits_tile<2>(q_tile, head_dim, kT + 6 * kLanes, out + 6 * kLanes, ld);
   }
 }
 
 STD_EXT_MULTIVERSION void block_weighted_sum(const float* p, int64_t rows, int64_t head_dim, const float* v,
                                              float* acc) {
-  // Register tile: kRowTile rows x 16 output dims = 8 accumulators; the tail of head_dim
-  // (head_dim % 16) runs a scalar loop, so any head_dim works.
-  const int64_t vector_dims = head_dim / (2 * kLanes) * (2 * kLanes);
+  // Output-dim tiles of 24, then 16 / 8, then a scalar tail: any head_dim works.
   for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
     const float* p_tile = p + r0 * kKeyBlock;
     float* acc_tile = acc + r0 * head_dim;
-    for (int64_t d0 = 0; d0 < vector_dims; d0 += 2 * kLanes) {
-      Vec tile[kRowTile][2];
-#pragma GCC unroll 4
-      for (int64_t i = 0; i < kRowTile; ++i) {
-        tile[i][0] = load(acc_tile + i * head_dim + d0);
-        tile[i][1] = load(acc_tile + i * head_dim + d0 + kLanes);
-      }
-      for (int64_t j = 0; j < kKeyBlock; ++j) {
-        const Vec v0 = load(v + j * head_dim + d0);
-        const Vec v1 = load(v + j * head_dim + d0 + kLanes);
-#pragma GCC unroll 4
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          const Vec pj = broadcast(p_tile[i * kKeyBlock + j]);
-          tile[i][0] += pj * v0;
-          tile[i][1] += pj * v1;
-        }
-      }
-#pragma GCC unroll 4
-      for (int64_t i = 0; i < kRowTile; ++i) {
-        store(acc_tile + i * head_dim + d0, tile[i][0]);
-        store(acc_tile + i * head_dim + d0 + kLanes, tile[i][1]);
-      }
+    int64_t d0 = 0;
+    for (; d0 + 3 * kLanes <= head_dim; d0 += 3 * kLanes) weighted_sum_tile<3>(p_tile, head_dim, v + d0, acc_tile + d0);
+    if (d0 + 2 * kLanes <= head_dim) {
+      weighted_sum_tile<2>(p_tile, head_dim, v + d0, acc_tile + d0);
+      d0 += 2 * kLanes;
+    }
+    if (d0 + kLanes <= head_dim) {
+      weighted_sum_tile<1>(p_tile, head_dim, v + d0, acc_tile + d0);
+      d0 += kLanes;
     }
     for (int64_t i = 0; i < kRowTile; ++i) {
       for (int64_t j = 0; j < kKeyBlock; ++j) {
         const float pj = p_tile[i * kKeyBlock + j];
-        for (int64_t d = vector_dims; d < head_dim; ++d) acc_tile[i * head_dim + d] += pj * v[j * head_dim + d];
+        for (int64_t d = d0; d < head_dim; ++d) acc_tile[i * head_dim + d] += pj * v[j * head_dim + d];
       }
     }
   }
