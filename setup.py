@@ -62,8 +62,8 @@ def extension():
             cpp_sources + sources("csrc/**/*.cu"),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={
-                "cxx": cxx_flags + ["-DSTD_EXT_WITH_CUDA"],
-                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSTD_EXT_WITH_CUDA"],
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=openmp_flags(),
             py_limited_api=True,
