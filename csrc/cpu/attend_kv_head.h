@@ -6,6 +6,8 @@
 
 #include "cpu/block_math.h"
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -112,6 +114,26 @@ void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t gro
       for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[d] * inv);
     }
   }
+}
+
+// attend_kv_head for sequence b, KV head h of an op's tensors: q and out [B, Qn, H_q, D]
+// (out contiguous or not), caches [B, H_kv, S, D], all with a contiguous last dim.
+template <typename T>
+void attend_kv_head(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
+                    int64_t b, int64_t h, const std::vector<int64_t>& positions, int64_t always_visible_below,
+                    int64_t first_query_pos, float scale, AttendScratch& scratch) {
+  const int64_t group = q.size(2) / k_cache.size(1);
+  const int64_t head0 = h * group;
+  const QueryGroupView<const T> q_view{q.const_data_ptr<T>() + b * q.stride(0) + head0 * q.stride(2), q.stride(1),
+                                       q.stride(2)};
+  const CacheHeadView<T> k_view{k_cache.const_data_ptr<T>() + b * k_cache.stride(0) + h * k_cache.stride(1),
+                                k_cache.stride(2)};
+  const CacheHeadView<T> v_view{v_cache.const_data_ptr<T>() + b * v_cache.stride(0) + h * v_cache.stride(1),
+                                v_cache.stride(2)};
+  const QueryGroupView<T> out_view{out.mutable_data_ptr<T>() + b * out.stride(0) + head0 * out.stride(2),
+                                   out.stride(1), out.stride(2)};
+  attend_kv_head<T>(q_view, q.size(1), group, k_view, v_view, positions, always_visible_below, first_query_pos,
+                    scale, q.size(3), out_view, scratch);
 }
 
 }  // namespace std_ext::cpu

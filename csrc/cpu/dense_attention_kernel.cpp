@@ -1,9 +1,9 @@
 // CPU kernel of torch.ops.std.dense_attention: query i of sequence b attends causally
 // to cache positions 0 .. kv_len[b] - Qn + i. Parallel over (sequence, KV head).
 #include "cpu/attend_kv_head.h"
+#include "cpu/dispatch_float_types.h"
 #include "op_checks.h"
 
-#include "cpu/dispatch_float_types.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,25 +17,15 @@ namespace {
 template <typename T>
 void dense_attention_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const int32_t* kv_len, float scale, const AttentionDims& dims, at::Tensor& out) {
-  const T* q_data = q.const_data_ptr<T>();
-  const T* k_data = k_cache.const_data_ptr<T>();
-  const T* v_data = v_cache.const_data_ptr<T>();
-  T* out_data = out.mutable_data_ptr<T>();
   at::parallel_for(0, dims.batch * dims.kv_heads, 1, [&](int64_t begin, int64_t end) {
     cpu::AttendScratch scratch;
     std::vector<int64_t> positions;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dims.kv_heads;
-      const int64_t h = task % dims.kv_heads;
-      const int64_t head0 = h * dims.group;
       positions.resize(kv_len[b]);
       std::iota(positions.begin(), positions.end(), int64_t{0});
-      cpu::attend_kv_head<T>(
-          {q_data + b * q.stride(0) + head0 * q.stride(2), q.stride(1), q.stride(2)}, dims.q_len, dims.group,
-          {k_data + b * k_cache.stride(0) + h * k_cache.stride(1), k_cache.stride(2)},
-          {v_data + b * v_cache.stride(0) + h * v_cache.stride(1), v_cache.stride(2)}, positions,
-          /*always_visible_below=*/0, /*first_query_pos=*/kv_len[b] - dims.q_len, scale, dims.head_dim,
-          {out_data + b * out.stride(0) + head0 * out.stride(2), out.stride(1), out.stride(2)}, scratch);
+      cpu::attend_kv_head<T>(q, k_cache, v_cache, out, b, task % dims.kv_heads, positions,
+                             /*always_visible_below=*/0, /*first_query_pos=*/kv_len[b] - dims.q_len, scale, scratch);
     }
   });
 }

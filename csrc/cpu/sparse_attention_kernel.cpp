@@ -2,9 +2,9 @@
 // valid entries of indices[b, h, :] plus the dense tail tail_start[b] .. its own
 // position kv_len[b] - Qn + i. Parallel over (sequence, KV head).
 #include "cpu/attend_kv_head.h"
+#include "cpu/dispatch_float_types.h"
 #include "op_checks.h"
 
-#include "cpu/dispatch_float_types.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,10 +17,6 @@ template <typename T>
 void sparse_attention_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& indices, const int32_t* tail_start, const int32_t* kv_len,
                                float scale, const AttentionDims& dims, at::Tensor& out) {
-  const T* q_data = q.const_data_ptr<T>();
-  const T* k_data = k_cache.const_data_ptr<T>();
-  const T* v_data = v_cache.const_data_ptr<T>();
-  T* out_data = out.mutable_data_ptr<T>();
   const int32_t* index_data = indices.const_data_ptr<int32_t>();
   const int64_t keep = indices.size(2);
   at::parallel_for(0, dims.batch * dims.kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -28,21 +24,15 @@ void sparse_attention_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, c
     std::vector<int64_t> positions;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / dims.kv_heads;
-      const int64_t h = task % dims.kv_heads;
-      const int64_t head0 = h * dims.group;
       // Keep set (validated: ascending, below tail_start, -1 only as trailing padding),
-      // then the tail up to the last query's position.
+      // then the tail up to the last query's position: one ascending list.
       positions.clear();
       const int32_t* keep_set = index_data + task * keep;
       for (int64_t i = 0; i < keep && keep_set[i] >= 0; ++i) positions.push_back(keep_set[i]);
       for (int64_t s = tail_start[b]; s < kv_len[b]; ++s) positions.push_back(s);
-      cpu::attend_kv_head<T>(
-          {q_data + b * q.stride(0) + head0 * q.stride(2), q.stride(1), q.stride(2)}, dims.q_len, dims.group,
-          {k_data + b * k_cache.stride(0) + h * k_cache.stride(1), k_cache.stride(2)},
-          {v_data + b * v_cache.stride(0) + h * v_cache.stride(1), v_cache.stride(2)}, positions,
-          /*always_visible_below=*/tail_start[b], /*first_query_pos=*/kv_len[b] - dims.q_len, scale,
-          dims.head_dim, {out_data + b * out.stride(0) + head0 * out.stride(2), out.stride(1), out.stride(2)},
-          scratch);
+      cpu::attend_kv_head<T>(q, k_cache, v_cache, out, b, task % dims.kv_heads, positions,
+                             /*always_visible_below=*/tail_start[b], /*first_query_pos=*/kv_len[b] - dims.q_len,
+                             scale, scratch);
     }
   });
 }
