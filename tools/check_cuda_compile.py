@@ -114,8 +114,18 @@ def torch_flags() -> tuple[list[str], list[str]]:
     return incs, defines
 
 
+def torch_cuda_std() -> str:
+    """The -std flag the installed torch's cpp_extension gives nvcc (C++20 in torch 2.13,
+    C++17 in older releases), so .cu files are checked under the standard they build with.
+    cpp_extension hard-codes it and exposes no API for it, hence reading its source."""
+    from torch.utils import cpp_extension
+
+    source = Path(cpp_extension.__file__).read_text()
+    return "-std=c++20" if "'-std=c++20'" in source else "-std=c++17"
+
+
 def base_command(nvcc: str, include_dirs: list[str], defines: list[str]) -> list[str]:
-    cmd = [nvcc, "-c", "-std=c++17", "-O2", "--expt-relaxed-constexpr",
+    cmd = [nvcc, "-c", torch_cuda_std(), "-O2", "--expt-relaxed-constexpr",
            "--compiler-options", "-fPIC"]
     ccbin = os.environ.get("CC")
     if ccbin:
