@@ -16,11 +16,21 @@ except ImportError as error:  # pragma: no cover - depends on how std_ext was in
         "use this source tree; an std_ext/ directory without _C*.so shadows an installed copy when "
         "Python runs from the repository root."
     ) from error
+from .generate import GenerationOutput, GenerationStats, generate
 from .ops import attention_scores, dense_attention, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
 
-__all__ = ["attention_scores", "topk_indices", "sparse_attention", "dense_attention", "cuda_kernels_built"]
+__all__ = [
+    "attention_scores",
+    "topk_indices",
+    "sparse_attention",
+    "dense_attention",
+    "cuda_kernels_built",
+    "generate",
+    "GenerationOutput",
+    "GenerationStats",
+]
 
 
 def cuda_kernels_built() -> bool:

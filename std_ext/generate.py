@@ -1,0 +1,521 @@
+"""The decode engine: vanilla and Sparse-to-Dense generation over a static cache.
+
+One prefill fills the cache and chooses the keep sets; then each round either decodes
+one token densely (``mode="vanilla"``) or drafts γ tokens with sparse attention and
+verifies them in one dense pass (``mode="std"``, DESIGN.md §1). Lengths live on the
+device and rollback is just a length, so a round reads one value on the host: whether
+every sequence has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import sampling
+from .attention import ForwardStep
+from .cache import KeepSets, StaticCache
+from .models import ModelAdapter
+from .selection import SelectionInputs, SelectionPolicy, indices_to_mask, make_policy, mask_to_indices
+
+
+@dataclass
+class GenerationStats:
+    """What a generation did and where its time went.
+
+    Attributes
+    ----------
+    mode : "std" or "vanilla"
+    rounds : decode rounds run after prefill (a vanilla round emits one token)
+    new_tokens : tokens emitted per sequence (prefill's token included)
+    mean_accepted : accepted draft tokens per round, averaged over active sequences' rounds
+    acceptance_by_position : fraction of rounds in which draft ``j`` (1-based ``j = i+1``) was accepted
+    prefill_s, selection_s, draft_s, verify_s : wall time of each phase (decode = draft + verify;
+        a vanilla step counts as verify)
+    keep_size : mean kept prompt positions per (sequence, KV head), layer 0
+    """
+
+    mode: str
+    gamma: int
+    budget: int
+    rounds: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    mean_accepted: float = 0.0
+    acceptance_by_position: list[float] = field(default_factory=list)
+    prefill_s: float = 0.0
+    selection_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    keep_size: float = 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.draft_s + self.verify_s
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens emitted per active round (``mean_accepted + 1`` before stops truncate)."""
+        return self.mean_accepted + 1.0
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences`` long ``[B, T + new]``: the prompt then the new tokens, ``pad_token_id``
+    after a sequence's end (like ``transformers``' ``generate``); ``stats``: :class:`GenerationStats`."""
+
+    sequences: torch.Tensor
+    stats: GenerationStats
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    mode: str = "std",
+    gamma: int = 9,
+    budget: int = 1024,
+    window: int | None = None,
+    selection: str | Callable | SelectionPolicy = "question",
+    candidate_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    progress: bool = False,
+    **model_inputs,
+) -> GenerationOutput:
+    """Generate with Sparse-to-Dense decoding (or plain dense decoding), losslessly.
+
+    Parameters
+    ----------
+    model : a supported ``transformers`` model (see :data:`std_ext.models.SUPPORTED_MODELS`)
+    input_ids : long ``[B, T]``, left-padded when ragged
+    attention_mask : ``[B, T]``, 1 for tokens, 0 for left padding (default: all ones)
+    max_new_tokens : tokens to generate per sequence (EOS included), >= 1
+    mode : "std" (sparse draft + dense verify) or "vanilla" (dense, one token per step)
+    gamma : draft tokens per round, >= 1
+    budget : kept prompt positions per KV head: every non-candidate position plus the top
+        ``budget - #non-candidate`` candidates (clamped at 0)
+    window : at most this many observation queries (the tokens after the last candidate)
+    selection : "question", "recent", "refresh" or a callable (see :mod:`std_ext.selection`)
+    candidate_mask : bool ``[B, T]``, the selection pool; default: the model's video/image tokens
+    do_sample, temperature, top_k, top_p : sampling as in ``transformers``' ``generate``;
+        the draft samples from the same warped distribution
+    generator : ``torch.Generator`` on the model's device, for reproducible sampling
+    eos_token_id, pad_token_id : default to the model's ``generation_config``
+    progress : show a progress bar over the emitted tokens
+    **model_inputs : other prefill inputs (``pixel_values_videos``, ``video_grid_thw``, ...)
+
+    Returns
+    -------
+    GenerationOutput
+        ``sequences [B, T + new]`` and :class:`GenerationStats`.
+    """
+    adapter = ModelAdapter.for_model(model)
+    input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p)
+    eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
+    gamma = gamma if mode == "std" else 0
+    warp = _Warp(do_sample, temperature, top_k, top_p, generator)
+    policy = make_policy(selection) if mode == "std" else None
+
+    device = input_ids.device
+    batch, width = input_ids.shape
+    prompt_len = attention_mask.sum(1)  # [B] long
+    capacity = width + max_new_tokens + gamma + 1
+    _check_capacity(adapter, capacity, width, max_new_tokens)
+    cache = StaticCache.allocate(
+        adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, _model_dtype(model), device
+    )
+    stats = GenerationStats(mode=mode, gamma=gamma, budget=budget)
+    timer = _PhaseTimer(device)
+
+    if candidate_mask is None:
+        candidate_mask = adapter.visual_mask(input_ids)
+    candidate_mask = candidate_mask & attention_mask.bool()
+    with adapter.std_attention():
+        with timer.phase("prefill"):
+            first_logits, step, rope_delta = _prefill(adapter, cache, input_ids, attention_mask, candidate_mask,
+                                                      prompt_len, window, mode == "std", model_inputs)
+        if mode == "std":
+            with timer.phase("selection"):
+                keep_base, keep_width = _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
+            stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
+        decoder = _Decoder(adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
+                           prompt_len, timer, stats)
+        if mode == "std":
+            decoder.keep_base, decoder.keep_width = keep_base, keep_width
+        new_tokens = decoder.run(warp.pick(first_logits[:, -1]), progress)
+    timer.collect(stats)
+    sequences = torch.cat([input_ids, new_tokens], dim=1)
+    return GenerationOutput(sequences=sequences, stats=stats)
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def _prefill(adapter, cache, input_ids, attention_mask, candidate_mask, prompt_len, window, capture, model_inputs):
+    """Dense forward over the prompt; writes the cache; returns last-token logits."""
+    batch, width = input_ids.shape
+    pad = width - prompt_len  # [B]
+    columns = torch.arange(width, device=input_ids.device)
+    slots = columns[None, :] - pad[:, None]  # [B, T] cache position of each input token
+    slots = torch.where(slots < 0, cache.capacity, slots)
+    padded = bool((pad > 0).any())
+    prefill_mask = None
+    if padded:
+        real = attention_mask.bool()
+        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+        prefill_mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
+        prefill_mask = prefill_mask[:, None]  # [B, 1, T, T]; a pad row sees itself, never NaN
+    capture_rows = _observation_rows(candidate_mask, attention_mask, window) if capture else None
+    step = ForwardStep(
+        mode="prefill", cache=cache, slots=slots, kv_len=prompt_len.to(torch.int32),
+        prefill_mask=prefill_mask, capture_rows=capture_rows,
+    )
+    position_ids, rope_delta = adapter.prefill_positions(input_ids, attention_mask, model_inputs)
+    out = adapter.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        logits_to_keep=1, std_ext_step=step, **model_inputs,
+    )
+    if capture_rows is not None:
+        step.capture_pos = torch.gather(slots, 1, capture_rows)  # [B, R] cache positions
+    return out.logits, step, rope_delta
+
+
+def _observation_rows(candidate_mask: torch.Tensor, attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Input rows of the observation queries, int64 ``[B, R]`` (a repeated last row pads).
+
+    The prompt tokens after the last candidate, at most ``window`` of them; a prompt that
+    ends on a candidate observes with its last token.
+    """
+    batch, width = candidate_mask.shape
+    columns = torch.arange(width, device=candidate_mask.device)
+    last_candidate = torch.where(candidate_mask, columns, -1).amax(1)  # [B], -1: none
+    observe = (columns[None] > last_candidate[:, None]) & attention_mask.bool()
+    if window is not None:
+        observe &= columns[None] >= width - window
+    observe[:, -1] = True
+    count = int(observe.sum(1).max())
+    rows = torch.where(observe, columns, width).sort(1).values[:, :count]
+    return torch.where(rows == width, width - 1, rows)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget):
+    """Keep sets of every layer (DESIGN.md §1); returns the non-candidate base and the width."""
+    batch, width = candidate_mask.shape
+    device = candidate_mask.device
+    capacity = cache.capacity
+    candidates = torch.zeros(batch, capacity + 1, dtype=torch.bool, device=device)
+    candidates.scatter_(1, step.slots, candidate_mask)
+    candidates = candidates[:, :capacity]  # [B, S] over cache positions
+    in_prompt = torch.arange(capacity, device=device)[None] < prompt_len[:, None]
+    base = in_prompt & ~candidates  # [B, S] always kept
+    n_candidates = candidates.sum(1)
+    k = (budget - base.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
+    k_max, keep_width = (int(v) for v in torch.stack([k.max(), (base.sum(1) + k).max()]).tolist())
+    heads = adapter.num_kv_heads
+    # the padding repeats the last row; keep exactly one copy of it
+    last_row = step.capture_rows == width - 1
+    first_last = last_row & (last_row.long().cumsum(1) == 1)
+    query_pos = torch.where(last_row & ~first_last, -1, step.capture_pos).to(torch.int32)
+    indices = []
+    for layer in range(adapter.num_layers):
+        k_cache, _ = cache.layer(layer)
+        if k_max > 0:
+            chosen = policy.select(SelectionInputs(
+                layer=layer, queries=step.captured[layer], query_pos=query_pos, k_cache=k_cache,
+                candidates=candidates, k=k, k_max=k_max, scale=step.scale, prompt_len=prompt_len.to(torch.int32),
+            ))
+            keep = base[:, None, :].expand(-1, heads, -1) | indices_to_mask(chosen, capacity)
+        else:
+            keep = base[:, None, :].expand(-1, heads, -1)
+        indices.append(mask_to_indices(keep, keep_width))
+    step.captured.clear()
+    cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32))
+    return base, keep_width
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _Warp:
+    """Greedy or sampled token choice, with the same warping for draft and target."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, generator):
+        self.do_sample, self.generator = do_sample, generator
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling.warp_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return sampling.greedy_tokens(logits)
+        return sampling.sample_tokens(self.probs(logits), self.generator)
+
+
+class _Decoder:
+    """Rounds after prefill; all per-sequence state stays on the device."""
+
+    keep_base: torch.Tensor | None = None
+    keep_width: int = 0
+
+    def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
+                 prompt_len, timer, stats):
+        self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
+        self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
+        self.rope_delta, self.timer, self.stats = rope_delta, timer, stats
+        device = prompt_len.device
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.cur_len = prompt_len.clone()  # [B] cached tokens; the pending token sits at cur_len
+        self.offsets = torch.arange(gamma + 1, device=device)  # [γ+1]
+
+    def run(self, first: torch.Tensor, progress: bool) -> torch.Tensor:
+        batch, device = first.shape[0], first.device
+        out = torch.full((batch, self.max_new_tokens + 1), self.pad_id, dtype=torch.long, device=device)
+        out[:, 0] = first
+        emitted = torch.ones(batch, dtype=torch.long, device=device)
+        finished = torch.isin(first, self.eos_ids) | (emitted >= self.max_new_tokens)
+        pending = first
+        rounds = torch.zeros(batch, dtype=torch.long, device=device)
+        accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        accepted_at = torch.zeros(max(self.gamma, 1), dtype=torch.long, device=device)
+        bar = _progress_bar(progress, batch * self.max_new_tokens)
+        round_count = 0
+        while True:
+            done, total = torch.stack([finished.all().long(), emitted.sum()]).tolist()  # the round's one sync
+            if bar is not None:
+                bar.update(total - bar.n)
+            if done:
+                break
+            active = ~finished
+            n, bonus, drafts = self._round(pending)  # [B], [B], [B, γ]
+            tokens = torch.where(self.offsets[None] < n[:, None],
+                                 torch.cat([drafts, bonus[:, None]], 1), bonus[:, None])  # [B, γ+1]
+            valid = (self.offsets[None] <= n[:, None]) & active[:, None]
+            is_eos = torch.isin(tokens, self.eos_ids) & valid
+            first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), self.gamma + 1)
+            valid &= self.offsets[None] <= first_eos[:, None]
+            valid &= self.offsets[None] < (self.max_new_tokens - emitted)[:, None]
+            slots = torch.where(valid, emitted[:, None] + self.offsets[None], self.max_new_tokens)
+            out.scatter_(1, slots, torch.where(valid, tokens, self.pad_id))
+            emitted += valid.sum(1)
+            finished |= (is_eos & valid).any(1) | (emitted >= self.max_new_tokens)
+            # stale lengths of finished rows are clamped so their writes stay inside the cache
+            self.cur_len = torch.where(active, self.cur_len + n + 1, self.cur_len).clamp(
+                max=self.cache.capacity - self.gamma - 1)
+            pending = bonus
+            rounds += active.long()
+            accepted += torch.where(active, n, 0)
+            if self.gamma:
+                accepted_at += ((self.offsets[None, : self.gamma] < n[:, None]) & active[:, None]).sum(0)
+            round_count += 1
+        if bar is not None:
+            bar.close()
+        self._finish_stats(round_count, rounds, accepted, accepted_at, emitted)
+        return out[:, : int(emitted.max())]
+
+    def _round(self, pending: torch.Tensor):
+        if self.gamma == 0:
+            with self.timer.phase("verify"):
+                logits = self._forward("dense", pending[:, None], self.cur_len[:, None])  # [B, 1, V]
+                token = self.warp.pick(logits[:, 0])
+            empty = pending.new_empty(pending.shape[0], 0)
+            return torch.zeros_like(pending), token, empty
+        with self.timer.phase("draft"):
+            drafts, draft_probs = self._draft(pending)
+        with self.timer.phase("verify"):
+            block = torch.cat([pending[:, None], drafts], 1)  # [B, γ+1]
+            positions = self.cur_len[:, None] + self.offsets[None]  # [B, γ+1]
+            capture = self.policy.needs_verify_queries
+            step_logits = self._forward("dense", block, positions, capture=capture)  # [B, γ+1, V]
+            if self.warp.do_sample:
+                n, bonus = sampling.speculative_accept(drafts, draft_probs, self.warp.probs(step_logits),
+                                                       self.warp.generator)
+            else:
+                n, bonus = sampling.greedy_accept(drafts, step_logits)
+            if capture:
+                self._refresh(positions, n)
+        return n, bonus, drafts
+
+    def _draft(self, pending: torch.Tensor):
+        batch = pending.shape[0]
+        drafts = pending.new_empty(batch, self.gamma)
+        probs = []
+        token = pending
+        for j in range(self.gamma):
+            logits = self._forward("sparse", token[:, None], (self.cur_len + j)[:, None])[:, 0]  # [B, V]
+            if self.warp.do_sample:
+                q = self.warp.probs(logits)
+                token = sampling.sample_tokens(q, self.warp.generator)
+                probs.append(q)
+            else:
+                token = sampling.greedy_tokens(logits)
+            drafts[:, j] = token
+        return drafts, (torch.stack(probs, 1) if probs else None)  # [B, γ], [B, γ, V]
+
+    def _forward(self, mode: str, tokens: torch.Tensor, positions: torch.Tensor, capture: bool = False):
+        """One model forward of ``tokens [B, Q]`` at cache ``positions [B, Q]``; logits ``[B, Q, V]``."""
+        self._step = ForwardStep(
+            mode=mode, cache=self.cache, slots=positions,
+            kv_len=(positions[:, -1] + 1).to(torch.int32),
+            capture_rows=self.offsets[None].expand(tokens.shape[0], -1) if capture else None,
+        )
+        out = self.adapter.model(
+            input_ids=tokens, position_ids=self.adapter.decode_positions(positions, self.rope_delta),
+            use_cache=False, std_ext_step=self._step,
+        )
+        return out.logits
+
+    def _refresh(self, positions: torch.Tensor, n: torch.Tensor) -> None:
+        """Let the policy re-choose keep sets from the accepted verify queries."""
+        query_pos = torch.where(self.offsets[None] <= n[:, None], positions, -1).to(torch.int32)  # [B, γ+1]
+        heads = self.adapter.num_kv_heads
+        for layer in range(self.adapter.num_layers):
+            k_cache, _ = self.cache.layer(layer)
+            chosen = self.policy.after_verify(layer, self._step.captured[layer], query_pos, k_cache)
+            if chosen is None:
+                continue
+            keep = self.keep_base[:, None, :].expand(-1, heads, -1) | indices_to_mask(chosen, self.cache.capacity)
+            self.cache.keep.indices[layer] = mask_to_indices(keep, self.keep_width)
+
+    def _finish_stats(self, round_count, rounds, accepted, accepted_at, emitted):
+        stats = self.stats
+        stats.rounds = round_count
+        stats.new_tokens = emitted.tolist()
+        active_rounds = max(int(rounds.sum()), 1)
+        stats.mean_accepted = float(accepted.sum()) / active_rounds
+        stats.acceptance_by_position = [float(v) / active_rounds for v in accepted_at[: self.gamma].tolist()]
+
+
+# --------------------------------------------------------------------------- checks and helpers
+
+
+def _check_inputs(input_ids, attention_mask, candidate_mask, model):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"std_ext.generate: input_ids must be an integer tensor [B, T], got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError("std_ext.generate: input_ids is empty")
+    device = next(model.parameters()).device
+    if input_ids.device != device:
+        raise ValueError(f"std_ext.generate: input_ids is on {input_ids.device} but the model is on {device}")
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"std_ext.generate: attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("std_ext.generate: attention_mask must hold only 0 and 1")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("std_ext.generate: attention_mask: only left padding is supported "
+                         "(a 0 after a 1); pad on the left, e.g. tokenizer.padding_side = 'left'")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("std_ext.generate: attention_mask: every sequence needs at least one token")
+    if candidate_mask is not None:
+        if candidate_mask.shape != input_ids.shape or candidate_mask.dtype != torch.bool:
+            raise ValueError(f"std_ext.generate: candidate_mask must be bool with the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {candidate_mask.dtype} {tuple(candidate_mask.shape)}")
+        candidate_mask = candidate_mask.to(device)
+    return input_ids, attention_mask, candidate_mask
+
+
+def _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p):
+    def integer(value, name, low):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"std_ext.generate: {name} must be an integer >= {low}, got {value!r}")
+
+    if mode not in ("std", "vanilla"):
+        raise ValueError(f"std_ext.generate: mode must be 'std' or 'vanilla', got {mode!r}")
+    integer(max_new_tokens, "max_new_tokens", 1)
+    integer(gamma, "gamma", 1)
+    integer(budget, "budget", 0)
+    if window is not None:
+        integer(window, "window", 1)
+    if do_sample:
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"std_ext.generate: temperature must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None:
+            integer(top_k, "top_k", 0)
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"std_ext.generate: top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_tokens: int) -> None:
+    limit = getattr(adapter.decoder.config, "max_position_embeddings", None)
+    if limit is not None and width + max_new_tokens > limit:
+        raise ValueError(
+            f"std_ext.generate: the prompt ({width} tokens) plus max_new_tokens ({max_new_tokens}) does not fit the "
+            f"model's {limit} positions (max_position_embeddings); shorten the prompt or max_new_tokens"
+        )
+
+
+def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None and config is not None:
+        eos_token_id = config.eos_token_id
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None and config is not None:
+        pad_token_id = config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return [int(t) for t in eos] or [-1], int(pad_token_id)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="std_ext decode", unit="tok")
+
+
+class _PhaseTimer:
+    """Wall time per phase without a host sync per phase (CUDA events, read at the end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - began
+
+    def collect(self, stats: GenerationStats) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+        for name in ("prefill", "selection", "draft", "verify"):
+            setattr(stats, f"{name}_s", self.totals.get(name, 0.0))
