@@ -134,7 +134,8 @@ class RecentPolicy(SelectionPolicy):
         batch, heads, size = inputs.k_cache.shape[0], inputs.k_cache.shape[1], inputs.k_cache.shape[2]
         position = torch.arange(size, device=inputs.candidates.device, dtype=torch.float32)
         order = inputs.candidates.long().cumsum(-1)  # 1-based rank among candidates
-        scores = torch.where(order <= SINK_TOKENS, float(size) + position, position)  # sinks first, then recency
+        # sinks first (earliest first), then the most recent
+        scores = torch.where(order <= SINK_TOKENS, 2.0 * size - position, position)
         scores = scores[:, None, :].expand(batch, heads, size).contiguous()
         return ragged_topk(scores, inputs.candidates, inputs.k, inputs.k_max)
 
