@@ -129,7 +129,7 @@ def _text_config_kwargs() -> dict:
     )
 
 
-def _make_config(kind: str) -> transformers.PretrainedConfig:
+def _make_config(kind: str) -> transformers.PreTrainedConfig:
     if kind == "qwen2":
         return transformers.Qwen2Config(**_text_config_kwargs())
     if kind == "llama":
@@ -226,6 +226,8 @@ def make_model(kind: str, seed: int = 0, *, init_std: float = INIT_STD) -> trans
         # Special ids get logit exactly 0, far below the best text logit: greedy decoding
         # never emits them (no eos, so generate always runs max_new_tokens steps).
         model.get_output_embeddings().weight[list(_SPECIAL_IDS)] = 0.0
+        # Keep the pad embedding at zero, as nn.Embedding(padding_idx=PAD_ID) initialises it.
+        model.get_input_embeddings().weight[PAD_ID] = 0.0
     model.eval()
 
     gen_cfg = model.generation_config
@@ -311,7 +313,7 @@ def _count_visual_features(model, kind: str, visual: dict) -> int:
     out = inner.get_video_features(pixels, return_dict=True)
     batch, n_features = out.pooler_output.shape[:2]  # [B, tokens, hidden]
     if n_features == pixels.shape[1] * LLAVA_TOKENS_PER_FRAME:
-        # transformers < 5.2x appends the closing image_newline in forward(), not here.
+        # Older 5.x releases (e.g. 5.17) append the closing image_newline in forward().
         n_features += 1
     return batch * n_features
 
@@ -336,8 +338,9 @@ def make_inputs(
     * VL kinds: the visual span is the video (or image) placeholder id repeated once per
       visual feature the vision tower yields (see the module docstring; checked against
       the model's own feature extractor), and each row has its own random pixels. Rows
-      are made ragged through the prefix length, ``max(1, prompt_lengths[b] - span -
-      question)``, so ``prompt_lengths`` is approximate when it is shorter than that.
+      are made ragged through the prefix length, ``prompt_lengths[b] - span - question``.
+      Where that would be < 1, every row is lengthened by the same amount so the shortest
+      prefix is 1 token: row lengths are then ``prompt_lengths[b] + shift``, still ragged.
 
     Returns ``input_ids`` [B, T] and ``attention_mask`` [B, T] (long, 0 on the left
     padding), plus for ``qwen2_vl`` ``pixel_values_videos`` [B*t*h*w, 24] and
@@ -373,22 +376,26 @@ def make_inputs(
             raise AssertionError(f"{kind}: vision tower yields {produced} features, expected {batch} x {span}")
         visual_type = 2 if visual_id == VIDEO_ID else 1
 
-    rows, types = [], []
-    for length in prompt_lengths:
-        q_len = int(torch.randint(_QUESTION_LEN[0], _QUESTION_LEN[1] + 1, (1,), generator=gen))
+    q_lens = torch.randint(_QUESTION_LEN[0], _QUESTION_LEN[1] + 1, (batch,), generator=gen).tolist()
+    if kind in VL_KINDS:
+        # Every VL row needs >= 1 prefix token + span + question; rows too short for that
+        # are all lengthened by the same amount, so their differences (raggedness) stay.
+        shift = max(0, max(span + q + 1 - length for length, q in zip(prompt_lengths, q_lens)))
+
+    rows, types = [], []  # per row: token ids [L_b] and mm token types [L_b]
+    for length, q_len in zip(prompt_lengths, q_lens):
         if kind in VL_KINDS:
-            prefix_len = max(1, length - span - q_len)
+            prefix_len = length + shift - span - q_len
             span_ids = torch.full((span,), visual_id, dtype=torch.long)
-            span_types = torch.full((span,), visual_type, dtype=torch.long)
+            span_type = visual_type
         else:
             q_len = min(q_len, length)
-            span_len = min(n_visual, length - q_len)
-            prefix_len = length - q_len - span_len
-            span_ids = text(span_len)
-            span_types = torch.zeros(span_len, dtype=torch.long)
-        prefix, question = text(prefix_len), text(q_len)
-        rows.append(torch.cat([prefix, span_ids, question]))
-        types.append(torch.cat([torch.zeros(prefix_len, dtype=torch.long), span_types, torch.zeros(q_len, dtype=torch.long)]))
+            span = min(n_visual, length - q_len)
+            prefix_len = length - q_len - span
+            span_ids = text(span)
+            span_type = 0
+        rows.append(torch.cat([text(prefix_len), span_ids, text(q_len)]))
+        types.append(torch.tensor([0] * prefix_len + [span_type] * span + [0] * q_len, dtype=torch.long))
 
     T = max(len(r) for r in rows)
     input_ids = torch.full((batch, T), PAD_ID, dtype=torch.long)  # [B, T]

@@ -134,7 +134,7 @@ def generate(
     batch, width = input_ids.shape
     prompt_len = attention_mask.sum(1)  # [B] long
     capacity = width + max_new_tokens + gamma + 1
-    _check_capacity(adapter, capacity, width, max_new_tokens)
+    _check_capacity(adapter, capacity, width, max_new_tokens, batch, _model_dtype(model), device)
     cache = StaticCache.allocate(
         adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, _model_dtype(model), device
     )
@@ -458,13 +458,25 @@ def _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, te
             raise ValueError(f"std_ext.generate: top_p must be in (0, 1], got {top_p!r}")
 
 
-def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_tokens: int) -> None:
+def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_tokens: int, batch: int,
+                    dtype: torch.dtype, device: torch.device) -> None:
+    """A prompt that cannot fit is an error before any work: positions, then cache memory."""
     limit = getattr(adapter.decoder.config, "max_position_embeddings", None)
     if limit is not None and width + max_new_tokens > limit:
         raise ValueError(
             f"std_ext.generate: the prompt ({width} tokens) plus max_new_tokens ({max_new_tokens}) does not fit the "
             f"model's {limit} positions (max_position_embeddings); shorten the prompt or max_new_tokens"
         )
+    if device.type == "cuda":
+        element = torch.empty((), dtype=dtype).element_size()
+        needed = 2 * adapter.num_layers * batch * adapter.num_kv_heads * (capacity + 1) * adapter.head_dim * element
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed > free:
+            raise ValueError(
+                f"std_ext.generate: the KV cache for batch {batch} x {capacity} positions needs "
+                f"{needed / 2**30:.2f} GiB but {free / 2**30:.2f} GiB is free on {device}; "
+                "lower the batch size, the prompt length or max_new_tokens"
+            )
 
 
 def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
