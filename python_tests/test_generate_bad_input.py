@@ -97,3 +97,12 @@ def test_attention_implementation_is_restored(model, inputs):
         std_ext.generate(model, **inputs, max_new_tokens=2, budget=20, candidate_mask=candidates,
                          selection=lambda i: torch.tensor([1]))
     assert model.config._attn_implementation == before
+
+
+def test_missing_kernels_are_named(model, inputs, monkeypatch):
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: op != "std::sparse_attention" and has_kernel(op, key))
+    with pytest.raises(RuntimeError, match="no CPU kernel for std::sparse_attention"):
+        std_ext.generate(model, **inputs)
+    std_ext.generate(model, **inputs, mode="vanilla", max_new_tokens=1)  # vanilla needs only dense_attention

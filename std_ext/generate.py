@@ -124,6 +124,7 @@ def generate(
     """
     adapter = ModelAdapter.for_model(model)
     input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    _check_kernels(input_ids.device, mode)
     _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p)
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
     gamma = gamma if mode == "std" else 0
@@ -435,6 +436,18 @@ def _check_inputs(input_ids, attention_mask, candidate_mask, model):
                              f"{tuple(input_ids.shape)}, got {candidate_mask.dtype} {tuple(candidate_mask.shape)}")
         candidate_mask = candidate_mask.to(device)
     return input_ids, attention_mask, candidate_mask
+
+
+def _check_kernels(device: torch.device, mode: str) -> None:
+    needed = ("dense_attention",) if mode == "vanilla" else ("dense_attention", "sparse_attention", "attention_scores", "topk_indices")
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    missing = [op for op in needed if not torch._C._dispatch_has_kernel_for_dispatch_key(f"std::{op}", key)]
+    if missing:
+        raise RuntimeError(
+            f"std_ext.generate: this build of std_ext has no {key} kernel for {', '.join('std::' + op for op in missing)} "
+            f"(the model is on {device}); rebuild with CUDA (STD_EXT_CUDA=1 pip install --no-build-isolation .) "
+            "or run the model on the CPU"
+        )
 
 
 def _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p):
