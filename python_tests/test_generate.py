@@ -244,3 +244,27 @@ def test_sampling_is_reproducible_with_a_generator():
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
+
+
+def test_chunked_prefill_attention_matches_reference(monkeypatch):
+    """Left-padded prefill attention, built chunk by chunk, against an explicit float64 softmax."""
+    from std_ext import attention
+
+    monkeypatch.setattr(attention, "PREFILL_QUERY_CHUNK", 8)
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, width, dim = 2, 4, 2, 37, 8
+    q = torch.randn(batch, heads, width, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, width, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, width, dim, generator=gen)
+    real = torch.ones(batch, width, dtype=torch.bool)
+    real[1, :9] = False
+    out = attention._prefill_attention(q, k, v, real, 0.3)  # [B, T, H, D]
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(width):
+                if not real[b, t]:
+                    continue
+                keys = [s for s in range(t + 1) if real[b, s]]
+                logits = 0.3 * k[b, h // 2, keys].double() @ q[b, h, t].double()
+                expected = torch.softmax(logits, 0) @ v[b, h // 2, keys].double()
+                torch.testing.assert_close(out[b, t, h].double(), expected, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ class ForwardStep:
     cache : the static cache (and, for "sparse", its keep sets)
     slots : int64 ``[B, Q]``, cache position of each input token (``capacity`` = discard)
     kv_len : int32 ``[B]``, valid cache length once this forward's K/V are stored
-    prefill_mask : bool ``[B, 1, Q, Q]`` for a left-padded prefill; None = plain causal
+    prefill_real : bool ``[B, Q]``, the non-padding tokens of a left-padded prefill; None = no padding
     capture_rows : int64 ``[B, R]``, input rows whose queries are kept per layer, or None
     capture_pos : int64 ``[B, R]``, cache positions of those rows (set by the engine)
     captured : filled per layer with the kept queries ``[B, R, H_q, D]``
@@ -50,7 +50,7 @@ class ForwardStep:
     cache: StaticCache
     slots: torch.Tensor
     kv_len: torch.Tensor
-    prefill_mask: torch.Tensor | None = None
+    prefill_real: torch.Tensor | None = None
     capture_rows: torch.Tensor | None = None
     capture_pos: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -85,7 +85,7 @@ def std_ext_attention(
         step.captured[layer] = q.gather(1, rows)  # [B, R, H_q, D]
 
     if step.mode == "prefill":
-        return _prefill_attention(module, query, key, value, step.prefill_mask, scale), None
+        return _prefill_attention(query, key, value, step.prefill_real, scale), None
     k_cache, v_cache = step.cache.layer(layer)
     if step.mode == "dense":
         return ops.dense_attention(q, k_cache, v_cache, step.kv_len, scale), None
@@ -93,23 +93,38 @@ def std_ext_attention(
     return ops.sparse_attention(q, k_cache, v_cache, keep.indices[layer], keep.tail_start, step.kv_len, scale), None
 
 
+PREFILL_QUERY_CHUNK = 1024
+
+
 def _prefill_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
+    query: torch.Tensor,  # [B, H_q, T, D]
+    key: torch.Tensor,  # [B, H_kv, T, D]
     value: torch.Tensor,
-    mask: torch.Tensor | None,
+    real: torch.Tensor | None,  # bool [B, T] or None
     scale: float,
 ) -> torch.Tensor:
-    """Causal self-attention of the prompt with PyTorch's SDPA, as ``transformers`` runs it."""
+    """Causal self-attention of the prompt with PyTorch's SDPA, as ``transformers`` runs it.
+
+    A left-padded batch needs a mask; it is built per chunk of queries so that its size
+    stays ``B x chunk x T`` rather than ``B x T x T``. A padding query sees itself, so no
+    row is fully masked (SDPA would return NaN there); its output is never used.
+    """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None and query.shape[2] > 1, scale=scale
-    )
-    return out.transpose(1, 2)  # [B, Q, H_q, D]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    width = query.shape[2]
+    if real is None:
+        return sdpa(query, key, value, is_causal=width > 1, scale=scale).transpose(1, 2)  # [B, T, H_q, D]
+    out = torch.empty_like(query)
+    for start in range(0, width, PREFILL_QUERY_CHUNK):
+        stop = min(width, start + PREFILL_QUERY_CHUNK)
+        rows = torch.arange(start, stop, device=query.device)[:, None]  # [C, 1]
+        columns = torch.arange(stop, device=query.device)[None, :]  # [1, stop]
+        mask = ((columns <= rows) & real[:, None, None, :stop]) | (columns == rows)  # [B, 1, C, stop]
+        out[:, :, start:stop] = sdpa(query[:, :, start:stop], key[:, :, :stop], value[:, :, :stop], attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)  # [B, T, H_q, D]
 
 
 def register_attention() -> None:

@@ -173,17 +173,11 @@ def _prefill(adapter, cache, input_ids, attention_mask, candidate_mask, prompt_l
     columns = torch.arange(width, device=input_ids.device)
     slots = columns[None, :] - pad[:, None]  # [B, T] cache position of each input token
     slots = torch.where(slots < 0, cache.capacity, slots)
-    padded = bool((pad > 0).any())
-    prefill_mask = None
-    if padded:
-        real = attention_mask.bool()
-        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
-        prefill_mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
-        prefill_mask = prefill_mask[:, None]  # [B, 1, T, T]; a pad row sees itself, never NaN
+    prefill_real = attention_mask.bool() if bool((pad > 0).any()) else None
     capture_rows = _observation_rows(candidate_mask, attention_mask, window) if capture else None
     step = ForwardStep(
         mode="prefill", cache=cache, slots=slots, kv_len=prompt_len.to(torch.int32),
-        prefill_mask=prefill_mask, capture_rows=capture_rows,
+        prefill_real=prefill_real, capture_rows=capture_rows,
     )
     position_ids, rope_delta = adapter.prefill_positions(input_ids, attention_mask, model_inputs)
     out = adapter.model(
