@@ -6,7 +6,6 @@ residual samples and bonus samples) is compared by a chi-square test with the ex
 distribution computed from dense forwards of the same model.
 """
 
-import itertools
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import topk_indices_ref
 
 from std_ext import selection
 from std_ext.selection import (
@@ -15,16 +16,10 @@ from std_ext.selection import (
 
 
 def _topk_reference(scores, candidates, k):
-    """Per (b, h): the k[b] best candidates (ties → lower position), ascending, -1 padded to max(k)."""
-    batch, heads, size = scores.shape
+    """``topk_indices_ref`` row by row with k[b], -1 padded to max(k)."""
     width = int(max(k))
-    out = torch.full((batch, heads, width), -1, dtype=torch.int32)
-    for b in range(batch):
-        pool = [s for s in range(size) if candidates[b, s]]
-        for h in range(heads):
-            ranked = sorted(pool, key=lambda s: (-float(scores[b, h, s]), s))[: int(k[b])]
-            out[b, h, : len(ranked)] = torch.tensor(sorted(ranked), dtype=torch.int32)
-    return out
+    rows = [topk_indices_ref(scores[b : b + 1], candidates[b : b + 1], int(k[b])) for b in range(len(k))]
+    return torch.cat([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-1) for row in rows])
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -23,10 +23,16 @@ class KeepSets:
     tail_start : int32 ``[B]``
         First position of the dense tail (the prompt length): every position from
         here to a query's own is attended by the draft as well.
+    always : bool ``[B, S]``
+        Prompt positions every keep set holds (the non-candidates).
+    width : int
+        ``N``: bounds every keep set's size, so a policy can re-choose without a resize.
     """
 
     indices: list[torch.Tensor]
     tail_start: torch.Tensor
+    always: torch.Tensor
+    width: int
 
 
 @dataclass

@@ -21,7 +21,7 @@ from . import sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
 from .models import ModelAdapter
-from .selection import SelectionInputs, SelectionPolicy, indices_to_mask, make_policy, mask_to_indices
+from .selection import SelectionInputs, SelectionPolicy, keep_indices, make_policy
 
 
 @dataclass
@@ -135,10 +135,9 @@ def generate(
     batch, width = input_ids.shape
     prompt_len = attention_mask.sum(1)  # [B] long
     capacity = width + max_new_tokens + gamma + 1
-    _check_capacity(adapter, capacity, width, max_new_tokens, batch, _model_dtype(model), device)
-    cache = StaticCache.allocate(
-        adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, _model_dtype(model), device
-    )
+    dtype = next(model.parameters()).dtype
+    _check_capacity(adapter, capacity, width, max_new_tokens, batch, dtype, device)
+    cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, dtype, device)
     stats = GenerationStats(mode=mode, gamma=gamma, budget=budget)
     timer = _PhaseTimer(device)
 
@@ -151,12 +150,10 @@ def generate(
                                                       prompt_len, window, mode == "std", model_inputs)
         if mode == "std":
             with timer.phase("selection"):
-                keep_base, keep_width = _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
+                _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
         decoder = _Decoder(adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
                            prompt_len, timer, stats)
-        if mode == "std":
-            decoder.keep_base, decoder.keep_width = keep_base, keep_width
         new_tokens = decoder.run(warp.pick(first_logits[:, -1]), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -174,7 +171,7 @@ def _prefill(adapter, cache, input_ids, attention_mask, candidate_mask, prompt_l
     slots = columns[None, :] - pad[:, None]  # [B, T] cache position of each input token
     slots = torch.where(slots < 0, cache.capacity, slots)
     prefill_real = attention_mask.bool() if bool((pad > 0).any()) else None
-    capture_rows = _observation_rows(candidate_mask, attention_mask, window) if capture else None
+    capture_rows, capture_real = _observation_rows(candidate_mask, attention_mask, window) if capture else (None, None)
     step = ForwardStep(
         mode="prefill", cache=cache, slots=slots, kv_len=prompt_len.to(torch.int32),
         prefill_real=prefill_real, capture_rows=capture_rows,
@@ -185,12 +182,14 @@ def _prefill(adapter, cache, input_ids, attention_mask, candidate_mask, prompt_l
         logits_to_keep=1, std_ext_step=step, **model_inputs,
     )
     if capture_rows is not None:
-        step.capture_pos = torch.gather(slots, 1, capture_rows)  # [B, R] cache positions
+        step.capture_pos = torch.where(capture_real, torch.gather(slots, 1, capture_rows), -1)  # [B, R], -1 = pad
     return out.logits, step, rope_delta
 
 
-def _observation_rows(candidate_mask: torch.Tensor, attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Input rows of the observation queries, int64 ``[B, R]`` (a repeated last row pads).
+def _observation_rows(
+    candidate_mask: torch.Tensor, attention_mask: torch.Tensor, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input rows of the observation queries, int64 ``[B, R]``, and which are real (bool ``[B, R]``).
 
     The prompt tokens after the last candidate, at most ``window`` of them; a prompt that
     ends on a candidate observes with its last token.
@@ -204,15 +203,16 @@ def _observation_rows(candidate_mask: torch.Tensor, attention_mask: torch.Tensor
     observe[:, -1] = True
     count = int(observe.sum(1).max())
     rows = torch.where(observe, columns, width).sort(1).values[:, :count]
-    return torch.where(rows == width, width - 1, rows)
+    real = rows < width
+    return torch.where(real, rows, width - 1), real  # padding repeats the last row
 
 
 # --------------------------------------------------------------------------- selection
 
 
-def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget):
-    """Keep sets of every layer (DESIGN.md §1); returns the non-candidate base and the width."""
-    batch, width = candidate_mask.shape
+def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget) -> None:
+    """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``."""
+    batch = candidate_mask.shape[0]
     device = candidate_mask.device
     capacity = cache.capacity
     candidates = torch.zeros(batch, capacity + 1, dtype=torch.bool, device=device)
@@ -223,26 +223,19 @@ def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget):
     n_candidates = candidates.sum(1)
     k = (budget - base.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
     k_max, keep_width = (int(v) for v in torch.stack([k.max(), (base.sum(1) + k).max()]).tolist())
-    heads = adapter.num_kv_heads
-    # the padding repeats the last row; keep exactly one copy of it
-    last_row = step.capture_rows == width - 1
-    first_last = last_row & (last_row.long().cumsum(1) == 1)
-    query_pos = torch.where(last_row & ~first_last, -1, step.capture_pos).to(torch.int32)
+    query_pos = step.capture_pos.to(torch.int32)
     indices = []
     for layer in range(adapter.num_layers):
         k_cache, _ = cache.layer(layer)
+        chosen = None
         if k_max > 0:
             chosen = policy.select(SelectionInputs(
                 layer=layer, queries=step.captured[layer], query_pos=query_pos, k_cache=k_cache,
                 candidates=candidates, k=k, k_max=k_max, scale=step.scale, prompt_len=prompt_len.to(torch.int32),
             ))
-            keep = base[:, None, :].expand(-1, heads, -1) | indices_to_mask(chosen, capacity)
-        else:
-            keep = base[:, None, :].expand(-1, heads, -1)
-        indices.append(mask_to_indices(keep, keep_width))
+        indices.append(keep_indices(base, chosen, adapter.num_kv_heads, keep_width))
     step.captured.clear()
-    cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32))
-    return base, keep_width
+    cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32), always=base, width=keep_width)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -266,9 +259,6 @@ class _Warp:
 
 class _Decoder:
     """Rounds after prefill; all per-sequence state stays on the device."""
-
-    keep_base: torch.Tensor | None = None
-    keep_width: int = 0
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
                  prompt_len, timer, stats):
@@ -380,14 +370,12 @@ class _Decoder:
     def _refresh(self, positions: torch.Tensor, n: torch.Tensor) -> None:
         """Let the policy re-choose keep sets from the accepted verify queries."""
         query_pos = torch.where(self.offsets[None] <= n[:, None], positions, -1).to(torch.int32)  # [B, γ+1]
-        heads = self.adapter.num_kv_heads
+        keep = self.cache.keep
         for layer in range(self.adapter.num_layers):
             k_cache, _ = self.cache.layer(layer)
             chosen = self.policy.after_verify(layer, self._step.captured[layer], query_pos, k_cache)
-            if chosen is None:
-                continue
-            keep = self.keep_base[:, None, :].expand(-1, heads, -1) | indices_to_mask(chosen, self.cache.capacity)
-            self.cache.keep.indices[layer] = mask_to_indices(keep, self.keep_width)
+            if chosen is not None:
+                keep.indices[layer] = keep_indices(keep.always, chosen, self.adapter.num_kv_heads, keep.width)
 
     def _finish_stats(self, round_count, rounds, accepted, accepted_at, emitted):
         stats = self.stats
@@ -496,10 +484,6 @@ def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return [int(t) for t in eos] or [-1], int(pad_token_id)
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _progress_bar(enabled: bool, total: int):

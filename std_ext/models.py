@@ -12,7 +12,6 @@ lives here: where the decoder is, which token ids are visual, and how positions
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -137,9 +136,6 @@ class ModelAdapter:
         """RoPE positions of decode-step tokens: ``[B, Q]`` (``[3, B, Q]`` for M-RoPE)."""
         positions = cache_positions + rope_delta[:, None]
         return positions[None].expand(3, -1, -1) if self.uses_mrope else positions
-
-    def forward_accepts(self, name: str) -> bool:
-        return name in inspect.signature(self.model.forward).parameters
 
     def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         config = self.model.config

@@ -20,6 +20,7 @@ A callable ``policy(inputs: SelectionInputs) -> Tensor`` returning int32
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,14 +106,23 @@ def indices_to_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
     return mask[..., :size]
 
 
-class SelectionPolicy:
+def keep_indices(always: torch.Tensor, chosen: torch.Tensor | None, heads: int, width: int) -> torch.Tensor:
+    """A layer's keep set: the ``always`` positions (bool ``[B, S]``) ∪ ``chosen`` (int32
+    ``[B, H, N]`` or None) → int32 ``[B, H, width]`` ascending, ``-1`` padded."""
+    keep = always[:, None, :].expand(-1, heads, -1)
+    if chosen is not None:
+        keep = keep | indices_to_mask(chosen, always.shape[-1])
+    return mask_to_indices(keep, width)
+
+
+class SelectionPolicy(ABC):
     """Base class: choose at prefill; optionally re-choose after each verify pass."""
 
     needs_verify_queries = False
 
+    @abstractmethod
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
         """int32 ``[B, H_kv, N]`` chosen candidate positions (``-1`` padded)."""
-        raise NotImplementedError
 
     def after_verify(self, layer: int, queries: torch.Tensor, query_pos: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
         """New chosen candidate positions for ``layer`` after a verify pass, or None to keep them."""
