@@ -114,7 +114,7 @@ def generate(
         the draft samples from the same warped distribution
     generator : ``torch.Generator`` on the model's device, for reproducible sampling
     eos_token_id, pad_token_id : default to the model's ``generation_config``
-    progress : show a progress bar over the emitted tokens
+    progress : show progress bars: prefill (per decoder layer) and decoding (per emitted token)
     **model_inputs : other prefill inputs (``pixel_values_videos``, ``video_grid_thw``, ...)
 
     Returns
@@ -145,7 +145,7 @@ def generate(
         candidate_mask = adapter.visual_mask(input_ids)
     candidate_mask = candidate_mask & attention_mask.bool()
     with adapter.std_attention():
-        with timer.phase("prefill"):
+        with timer.phase("prefill"), _layer_progress(adapter, progress, "std_ext prefill"):
             first_logits, step, rope_delta = _prefill(adapter, cache, input_ids, attention_mask, candidate_mask,
                                                       prompt_len, window, mode == "std", model_inputs)
         if mode == "std":
@@ -212,6 +212,36 @@ def _observation_rows(
 
 def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget) -> None:
     """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``."""
+    plan = _keep_plan(cache, step, candidate_mask, prompt_len, budget)
+    query_pos = step.capture_pos.to(torch.int32)
+    indices = []
+    for layer in range(adapter.num_layers):
+        k_cache, _ = cache.layer(layer)
+        chosen = None
+        if plan.k_max > 0:
+            chosen = policy.select(SelectionInputs(
+                layer=layer, queries=step.captured[layer], query_pos=query_pos, k_cache=k_cache,
+                candidates=plan.candidates, k=plan.k, k_max=plan.k_max, scale=step.scale,
+                prompt_len=prompt_len.to(torch.int32),
+            ))
+        indices.append(keep_indices(plan.always, chosen, adapter.num_kv_heads, plan.width))
+    step.captured.clear()
+    cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32), always=plan.always, width=plan.width)
+
+
+@dataclass
+class _KeepPlan:
+    """How a budget splits over cache positions: ``candidates`` and ``always`` bool ``[B, S]``,
+    ``k`` long ``[B]`` candidates to choose, ``k_max = max(k)``, ``width`` bounds a keep set."""
+
+    candidates: torch.Tensor
+    always: torch.Tensor
+    k: torch.Tensor
+    k_max: int
+    width: int
+
+
+def _keep_plan(cache, step, candidate_mask, prompt_len, budget) -> _KeepPlan:
     batch = candidate_mask.shape[0]
     device = candidate_mask.device
     capacity = cache.capacity
@@ -219,23 +249,11 @@ def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget) ->
     candidates.scatter_(1, step.slots, candidate_mask)
     candidates = candidates[:, :capacity]  # [B, S] over cache positions
     in_prompt = torch.arange(capacity, device=device)[None] < prompt_len[:, None]
-    base = in_prompt & ~candidates  # [B, S] always kept
+    always = in_prompt & ~candidates  # [B, S]
     n_candidates = candidates.sum(1)
-    k = (budget - base.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
-    k_max, keep_width = (int(v) for v in torch.stack([k.max(), (base.sum(1) + k).max()]).tolist())
-    query_pos = step.capture_pos.to(torch.int32)
-    indices = []
-    for layer in range(adapter.num_layers):
-        k_cache, _ = cache.layer(layer)
-        chosen = None
-        if k_max > 0:
-            chosen = policy.select(SelectionInputs(
-                layer=layer, queries=step.captured[layer], query_pos=query_pos, k_cache=k_cache,
-                candidates=candidates, k=k, k_max=k_max, scale=step.scale, prompt_len=prompt_len.to(torch.int32),
-            ))
-        indices.append(keep_indices(base, chosen, adapter.num_kv_heads, keep_width))
-    step.captured.clear()
-    cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32), always=base, width=keep_width)
+    k = (budget - always.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
+    k_max, width = (int(v) for v in torch.stack([k.max(), (always.sum(1) + k).max()]).tolist())
+    return _KeepPlan(candidates=candidates, always=always, k=k, k_max=k_max, width=width)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -492,6 +510,29 @@ def _progress_bar(enabled: bool, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="std_ext decode", unit="tok")
+
+
+@contextlib.contextmanager
+def _layer_progress(adapter: ModelAdapter, enabled: bool, desc: str) -> Iterator[None]:
+    """A progress bar advanced by each decoder layer of one long forward (the prefill)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    layers = list(adapter.decoder.layers)
+    bar = tqdm(total=len(layers), desc=desc, unit="layer")
+
+    def advance(*_) -> None:  # a forward hook that returns a value replaces the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(advance) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
 
 
 class _PhaseTimer:

@@ -1,0 +1,314 @@
+"""How often does the sparse draft predict the dense model's next token?
+
+Sparse-to-Dense is lossless whatever the keep set; the keep set only decides its speed,
+through the number of draft tokens the dense verify pass accepts per round. This module
+measures that on a real model and prompt, for many budgets, γ and selection policies,
+with one prefill:
+
+* the dense greedy answer (the trajectory every lossless decoder emits) is decoded once;
+* for a keep set that does not change while decoding (``"question"``, ``"recent"``, and
+  the ``"oracle"`` ceiling below), a greedy round starting at answer position ``t`` always
+  drafts the same tokens: the draft chain from ``t`` sees the dense cache before ``t`` and
+  its own sparse K/V after. So the run ``m(t)`` of drafts that match the answer, measured
+  once per ``t`` up to the largest γ, gives the rounds of every γ exactly:
+  ``accepted = min(m(t), γ)``, next round at ``t + accepted + 1``;
+* ``"refresh"`` changes its keep set after each verify pass, so its rounds depend on γ:
+  it runs the engine's own decoder for every (budget, γ), reusing the prefill.
+
+``"oracle"``: at every draft step, each layer keeps the candidates the *current* query
+attends to most (its own top-K, group-mean over the query heads of a KV head),
+recomputed every step — a ceiling for any keep set chosen ahead of time.
+
+The per-token agreement of a policy is the share of answer positions at which the first
+draft of a round starting there equals the dense next token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .attention import ForwardStep
+from .cache import KeepSets, StaticCache
+from .generate import (
+    GenerationStats,
+    _check_inputs,
+    _Decoder,
+    _keep_plan,
+    _PhaseTimer,
+    _prefill,
+    _select,
+    _special_ids,
+    _Warp,
+)
+from .models import ModelAdapter
+from .selection import keep_indices, make_policy, ragged_topk
+
+STATIC_POLICIES = ("question", "recent", "oracle")
+POLICIES = (*STATIC_POLICIES, "refresh")
+
+
+@dataclass
+class AgreementRecord:
+    """One (policy, budget, γ) measurement over a batch of prompts.
+
+    Attributes
+    ----------
+    policy, budget, gamma : the configuration
+    agreement : share of answer positions whose first draft equals the dense next token
+        (for "refresh": of round starts, as the engine measured it)
+    mean_accepted : accepted drafts per round (what ``GenerationStats.mean_accepted`` reports)
+    acceptance_rate : ``mean_accepted / gamma``
+    acceptance_by_position : share of rounds whose draft ``j+1`` was accepted
+    answer_tokens : dense answer tokens over the batch (the sample behind the figures)
+    method : "chain" (draft runs replayed into rounds) or "engine" (the decoder itself)
+    """
+
+    policy: str
+    budget: int
+    gamma: int
+    agreement: float
+    mean_accepted: float
+    acceptance_rate: float
+    acceptance_by_position: list[float]
+    answer_tokens: int
+    method: str
+
+
+@torch.no_grad()
+def measure_agreement(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    candidate_mask: torch.Tensor | None = None,
+    budgets: Iterable[int] = (128, 256, 512, 1024, 2048),
+    gammas: Iterable[int] = range(1, 13),
+    policies: Sequence[str] = POLICIES,
+    max_new_tokens: int = 32,
+    window: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    progress: bool = False,
+    **model_inputs,
+) -> list[AgreementRecord]:
+    """Greedy draft agreement and accepted drafts per round for every configuration.
+
+    Parameters
+    ----------
+    model, input_ids, attention_mask, candidate_mask, window, eos_token_id, **model_inputs
+        as in :func:`std_ext.generate` (a left-padded batch of prompts is measured at once)
+    budgets, gammas : the grid
+    policies : among "question", "recent", "refresh", "oracle"
+    max_new_tokens : answer tokens per prompt (rounds stop there or at EOS, as in ``generate``)
+
+    Returns
+    -------
+    list of :class:`AgreementRecord`, one per (policy, budget, γ), pooled over the batch.
+    """
+    budgets, gammas = sorted(set(budgets)), sorted(set(gammas))
+    _check_grid(budgets, gammas, policies, max_new_tokens)
+    adapter = ModelAdapter.for_model(model)
+    input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    eos_ids, pad_id = _special_ids(model, eos_token_id, None)
+    if candidate_mask is None:
+        candidate_mask = adapter.visual_mask(input_ids)
+    candidate_mask = candidate_mask & attention_mask.bool()
+    run = _Measurement(adapter, input_ids, attention_mask, candidate_mask, max(gammas), max_new_tokens, eos_ids,
+                       pad_id, window, model_inputs)
+    configs = [(policy, budget) for policy in policies for budget in budgets]
+    bar = _bar(progress, len(configs))
+    records = []
+    with adapter.std_attention():
+        run.prefill_and_answer()
+        for policy, budget in configs:
+            if policy in STATIC_POLICIES:
+                runs = run.draft_runs(policy, budget)
+                records += [run.rounds_from_runs(runs, policy, budget, gamma) for gamma in gammas]
+            else:
+                records += [run.engine_rounds(policy, budget, gamma) for gamma in gammas]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+class _Measurement:
+    """One prefill, one dense answer, then draft runs per keep set."""
+
+    def __init__(self, adapter, input_ids, attention_mask, candidate_mask, gamma_max, max_new_tokens, eos_ids, pad_id,
+                 window, model_inputs):
+        self.adapter, self.input_ids, self.attention_mask = adapter, input_ids, attention_mask
+        self.candidate_mask, self.gamma_max, self.max_new = candidate_mask, gamma_max, max_new_tokens
+        self.eos_ids, self.pad_id, self.window, self.model_inputs = eos_ids, pad_id, window, model_inputs
+        self.prompt_len = attention_mask.sum(1)  # [B]
+        self.device = input_ids.device
+        # every draft of a round that starts before max_new_tokens compares with an answer token
+        self.horizon = max_new_tokens + gamma_max + 1
+        batch, width = input_ids.shape
+        dtype = next(adapter.model.parameters()).dtype
+        self.cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim,
+                                          width + self.horizon + gamma_max + 2, dtype, self.device)
+        self.timer = _PhaseTimer(self.device)
+        self.warp = _Warp(False, 1.0, None, None, None)
+
+    def prefill_and_answer(self) -> None:
+        """Dense prefill, then the dense greedy answer, decoded past EOS up to the horizon."""
+        logits, self.step, self.rope_delta = _prefill(
+            self.adapter, self.cache, self.input_ids, self.attention_mask, self.candidate_mask, self.prompt_len,
+            self.window, True, self.model_inputs)
+        self.captured = dict(self.step.captured)
+        self.first = self.warp.pick(logits[:, -1])  # [B]
+        decoder = _Decoder(self.adapter, self.cache, None, self.warp, 0, [-1], self.pad_id, self.horizon,
+                           self.rope_delta, self.prompt_len, self.timer, GenerationStats("vanilla", 0, 0))
+        self.answer = decoder.run(self.first, False)  # [B, horizon]
+        is_eos = torch.isin(self.answer[:, : self.max_new], torch.tensor(self.eos_ids, device=self.device))
+        # emitted answer length per sequence: through the first EOS, at most max_new_tokens
+        self.answer_len = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, self.max_new).tolist()
+        low, high = int(self.prompt_len.min()), int(self.prompt_len.max()) + self.horizon
+        self.region = slice(low, high)
+        self.dense_keys = self.cache.keys[:, :, :, self.region].clone()
+        self.dense_values = self.cache.values[:, :, :, self.region].clone()
+
+    def _restore(self) -> None:
+        """Put back the dense answer K/V that draft steps or replays overwrote."""
+        self.cache.keys[:, :, :, self.region].copy_(self.dense_keys)
+        self.cache.values[:, :, :, self.region].copy_(self.dense_values)
+
+    def _fresh_step(self) -> ForwardStep:
+        return dataclasses.replace(self.step, captured=dict(self.captured))
+
+    def _keep(self, policy: str, budget: int) -> _OracleIndices | None:
+        """Set the keep sets of ``policy`` in the cache; the oracle's are computed per step."""
+        if policy != "oracle":
+            _select(self.adapter, self.cache, make_policy(policy), self._fresh_step(), self.candidate_mask,
+                    self.prompt_len, budget)
+            return None
+        plan = _keep_plan(self.cache, self.step, self.candidate_mask, self.prompt_len, budget)
+        oracle = _OracleIndices(self.cache, plan, self.adapter.num_kv_heads)
+        self.cache.keep = KeepSets(indices=oracle, tail_start=self.prompt_len.to(torch.int32), always=plan.always,
+                                   width=plan.width)
+        return oracle
+
+    def draft_runs(self, policy: str, budget: int) -> torch.Tensor:
+        """long ``[B, max_new]``: drafts matching the answer in a chain starting at each position (≤ γ_max)."""
+        oracle = self._keep(policy, budget)
+        batch = self.answer.shape[0]
+        runs = torch.zeros(batch, self.max_new, dtype=torch.long, device=self.device)
+        answer_len = torch.tensor(self.answer_len, device=self.device)
+        for start in range(max(self.answer_len)):
+            alive = start < answer_len  # [B]
+            token = self.answer[:, start]
+            for j in range(self.gamma_max):
+                positions = (self.prompt_len + start + j)[:, None]  # [B, 1]
+                logits = self._sparse_forward(token[:, None], positions, oracle)
+                alive &= logits[:, 0].argmax(-1) == self.answer[:, start + j + 1]
+                runs[:, start] += alive.long()
+                if not bool(alive.any()):
+                    break
+                token = self.answer[:, start + j + 1]
+            self._restore()
+        return runs
+
+    def _sparse_forward(self, tokens, positions, oracle):
+        step = ForwardStep(mode="sparse", cache=self.cache, slots=positions, kv_len=(positions[:, -1] + 1).to(torch.int32),
+                           capture_rows=torch.zeros_like(positions) if oracle is not None else None,
+                           capture_pos=positions if oracle is not None else None)
+        if oracle is not None:
+            oracle.step = step
+        out = self.adapter.model(input_ids=tokens, position_ids=self.adapter.decode_positions(positions, self.rope_delta),
+                                 use_cache=False, std_ext_step=step)
+        return out.logits  # [B, 1, V]
+
+    def rounds_from_runs(self, runs: torch.Tensor, policy: str, budget: int, gamma: int) -> AgreementRecord:
+        """Greedy StD rounds with draft length ``gamma``, replayed from the draft runs."""
+        runs = runs.tolist()
+        answer = self.answer.tolist()
+        eos = set(self.eos_ids)
+        rounds = accepted = 0
+        accepted_at = [0] * gamma
+        agree = positions = 0
+        for b, length in enumerate(self.answer_len):
+            agree += sum(run > 0 for run in runs[b][: length - 1])
+            positions += length - 1
+            emitted, start = 1, 0
+            finished = answer[b][0] in eos or emitted >= self.max_new
+            while not finished:
+                n = min(runs[b][start], gamma)
+                rounds, accepted = rounds + 1, accepted + n
+                for j in range(n):
+                    accepted_at[j] += 1
+                for token in answer[b][start + 1 : start + n + 2]:  # the accepted drafts, then the bonus token
+                    emitted += 1
+                    if token in eos or emitted >= self.max_new:
+                        finished = True
+                        break
+                start += n + 1
+        mean = accepted / max(rounds, 1)
+        by_position = [count / max(rounds, 1) for count in accepted_at]
+        return AgreementRecord(policy, budget, gamma, agree / max(positions, 1), mean, mean / gamma, by_position,
+                               sum(self.answer_len), "chain")
+
+    def engine_rounds(self, policy: str, budget: int, gamma: int) -> AgreementRecord:
+        """The engine's own decoder after the shared prefill; its answer must be the dense one."""
+        selection = make_policy(policy)
+        _select(self.adapter, self.cache, selection, self._fresh_step(), self.candidate_mask, self.prompt_len, budget)
+        stats = GenerationStats("std", gamma, budget)
+        decoder = _Decoder(self.adapter, self.cache, selection, self.warp, gamma, self.eos_ids, self.pad_id,
+                           self.max_new, self.rope_delta, self.prompt_len, self.timer, stats)
+        tokens = decoder.run(self.first, False).tolist()
+        self._restore()
+        for b, length in enumerate(self.answer_len):
+            if tokens[b][:length] != self.answer[b, :length].tolist():
+                raise RuntimeError(f"std_ext.measure_agreement: {policy} budget {budget} γ {gamma}: sequence {b} "
+                                   "differs from dense decoding (a near-tie flipped by rounding?)")
+        by_position = stats.acceptance_by_position
+        agreement = by_position[0] if by_position else 0.0
+        return AgreementRecord(policy, budget, gamma, agreement, stats.mean_accepted, stats.mean_accepted / gamma,
+                               by_position, sum(self.answer_len), "engine")
+
+
+class _OracleIndices:
+    """Keep sets computed per layer from the current draft query: its own top-K candidates.
+
+    The attention function stores a step's captured query before it reads
+    ``keep.indices[layer]``, so indexing here sees the query of the step being run.
+    """
+
+    def __init__(self, cache, plan, heads: int) -> None:
+        self.cache, self.plan, self.heads = cache, plan, heads
+        self.step: ForwardStep | None = None
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        plan, step = self.plan, self.step
+        chosen = None
+        if plan.k_max > 0:
+            k_cache, _ = self.cache.layer(layer)
+            scores = ops.attention_scores(step.captured[layer], k_cache, step.capture_pos.to(torch.int32), step.scale)
+            chosen = ragged_topk(scores, plan.candidates, plan.k, plan.k_max)
+        return keep_indices(plan.always, chosen, self.heads, plan.width)
+
+
+def _check_grid(budgets, gammas, policies, max_new_tokens) -> None:
+    def integers(values, name, low):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+            raise ValueError(f"std_ext.measure_agreement: {name} must be integers >= {low}, got {values!r}")
+
+    integers(budgets, "budgets", 0)
+    integers(gammas, "gammas", 1)
+    integers([max_new_tokens], "max_new_tokens", 1)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise ValueError(f"std_ext.measure_agreement: policies: unknown {unknown or policies!r}; use some of {POLICIES}")
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="std_ext agreement", unit="config")
