@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._cli import int_at_least
 from .frames import FrameLoadError, load_frames
 from .generate import GenerationOutput, GenerationStats
 from .models import SUPPORTED_MODELS
@@ -90,12 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", required=True, metavar="TEXT", help="the question about the video")
     parser.add_argument("--compare", action="store_true",
                         help="also decode with vanilla decoding; report the speedup and whether outputs match")
-    parser.add_argument("--num-frames", type=_non_negative_int, default=32, metavar="N",
+    parser.add_argument("--num-frames", type=int_at_least(0), default=32, metavar="N",
                         help="at most N frames, sampled uniformly; 0 = all (default: 32)")
-    parser.add_argument("--gamma", type=_positive_int, default=9, help="draft tokens per round (default: 9)")
-    parser.add_argument("--budget", type=_non_negative_int, default=1024,
+    parser.add_argument("--gamma", type=int_at_least(1), default=9, help="draft tokens per round (default: 9)")
+    parser.add_argument("--budget", type=int_at_least(0), default=1024,
                         help="kept prompt positions per KV head (default: 1024)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=128, metavar="N",
                         help="tokens to generate at most (default: 128)")
     parser.add_argument("--selection", choices=sorted(POLICIES), default="question",
                         help="keep-set selection policy (default: question)")
@@ -107,24 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video preprocessing: the checkpoint's processor, std_ext's built-in Qwen2-VL "
                              "preprocessing, or auto (the processor, else built-in) (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-    return value
 
 
 # =========================================================================== run
