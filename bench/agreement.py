@@ -8,11 +8,11 @@ reports the per-token draft agreement (sparse vs dense next token), the mean acc
 drafts per round and the acceptance rate (accepted / γ); ``oracle`` (each draft query's
 own top-K, recomputed every step) is the ceiling. Greedy decoding, CPU, float32.
 
-Run (about 25 minutes on 2 CPU cores for the full grid)::
+Run (about an hour on 2 CPU cores for the full grid)::
 
     PYTHONPATH=. python bench/agreement.py --out bench/agreement.md
 
-``--quick`` runs a small grid in about a minute.
+``--quick`` runs a small grid (2 pairs, 512-token documents) in a few minutes.
 """
 
 from __future__ import annotations
