@@ -43,8 +43,7 @@ from .generate import GenerationStats
 # the model load finish in well under a minute on a 2-core CPU.
 DEFAULT_DOCUMENT = smollm2.LICENSES / "Apache-2.0"
 # The license answers this in its section 6, and SmolLM2-135M finds the answer there.
-DEFAULT_QUESTION = ("Does this license grant permission to use the Licensor's trademarks? "
-                    "Answer yes or no, then explain why.")
+DEFAULT_QUESTION = "Does this license grant permission to use the Licensor's trademarks? Answer briefly."
 # Caps a user's document: SmolLM2 has 8,192 positions, and prefill grows quadratically.
 DEFAULT_MAX_DOCUMENT_TOKENS = 4096
 
