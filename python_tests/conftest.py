@@ -26,7 +26,11 @@ OPS = ("attention_scores", "topk_indices", "sparse_attention", "dense_attention"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bound on ||out - ref|| / ||ref|| for the attention outputs, per output dtype.
 ATTN_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
-SCORES_TOL = 1e-5  # attention_scores: float32 output for every input dtype
+# attention_scores (float32 output for every input dtype), per device: the CPU kernel adds
+# probabilities in float32 like the reference; the issue bounds the CUDA kernel at 1e-3.
+SCORES_TOL = {"cpu": 1e-5, "cuda": 1e-3}
+# The CUDA attention kernels run on tensor cores: float16 / bfloat16 only.
+CUDA_FLOAT_OPS = ("attention_scores", "sparse_attention", "dense_attention")
 POISON = float("nan")
 
 
@@ -55,7 +59,16 @@ def device(request):
         missing = [op for op in ops if not has_cuda_kernel(op)]
         if missing:
             pytest.skip(f"no CUDA kernel registered yet for std::{', std::'.join(missing)}")
+        dtype = params.params.get("dtype") if params else None
+        if dtype == torch.float32 and any(op in CUDA_FLOAT_OPS for op in ops):
+            pytest.skip("the CUDA attention kernels take float16/bfloat16 (float32 runs on CPU)")
     return request.param
+
+
+def work_dtype(device):
+    """The dtype a test uses where any would do: float32 on CPU, bfloat16 on CUDA (whose
+    attention kernels take float16/bfloat16 only)."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
 
 
 @pytest.fixture(autouse=True)

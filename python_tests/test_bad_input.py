@@ -27,8 +27,9 @@ def valid_args(op, device):
     if op == "topk_indices":
         scores = torch.randn(B, 3, S, generator=g)
         return {"scores": scores.to(device), "candidates": (torch.rand(B, S, generator=g) < 0.5).to(device), "k": 4}
-    q = torch.randn(B, QN, HQ, D, generator=g).to(device)
-    k, v = (torch.randn(B, HKV, S, D, generator=g).to(device) for _ in range(2))
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # CUDA kernels: fp16/bf16
+    q = torch.randn(B, QN, HQ, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(B, HKV, S, D, generator=g).to(device, dtype) for _ in range(2))
     ints = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     if op == "attention_scores":
         return {"q": q, "k_cache": k, "q_pos": ints([[3, -1, 9], [0, 15, 15]]), "scale": 0.125}

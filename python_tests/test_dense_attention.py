@@ -10,6 +10,7 @@ from conftest import (
     ints,
     make_cache,
     make_q,
+    work_dtype,
 )
 from reference import dense_attention_ref
 
@@ -57,7 +58,7 @@ def test_dense_large_logits(device, gen, dtype):
 
 
 def test_dense_default_scale_and_reexport(device, gen):
-    q, k, v, kv = dense_inputs([33, 12], 40, 3, 4, 128, torch.float32, device, gen)
+    q, k, v, kv = dense_inputs([33, 12], 40, 3, 4, 128, work_dtype(device), device, gen)
     assert std_ext.dense_attention is std_ext.ops.dense_attention
     out = std_ext.dense_attention(q, k, v, kv)
     assert torch.equal(out, torch.ops.std.dense_attention(q, k, v, kv, 128**-0.5))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ints, make_cache, make_indices, make_q
+from conftest import ints, make_cache, make_indices, make_q, work_dtype
 
 import std_ext
 
@@ -53,11 +53,12 @@ def test_compile_fullgraph_matches_eager(device, gen):
     """Prefill score -> keep set -> draft -> verify, compiled with aot_eager and fullgraph."""
     kv_len, S, Qn = [40, 27], 48, 3
     prompt = [30, 20]  # candidates (the "visual" span) lie below the tail start = prompt length
-    q_obs = make_q(2, 4, 8, 64, torch.float32, device, gen)
+    dtype = work_dtype(device)
+    q_obs = make_q(2, 4, 8, 64, dtype, device, gen)
     q_pos = ints([[p - 4 + i for i in range(4)] for p in prompt], device)
-    q = make_q(2, Qn, 8, 64, torch.float32, device, gen)
-    k = make_cache(2, 2, S, 64, kv_len, torch.float32, device, gen)
-    v = make_cache(2, 2, S, 64, kv_len, torch.float32, device, gen)
+    q = make_q(2, Qn, 8, 64, dtype, device, gen)
+    k = make_cache(2, 2, S, 64, kv_len, dtype, device, gen)
+    v = make_cache(2, 2, S, 64, kv_len, dtype, device, gen)
     cand = (torch.arange(S)[None] < torch.tensor(prompt)[:, None]) & (torch.arange(S) % 3 != 0)
     args = (q_obs, q_pos, q, k, v, cand.to(device), ints(prompt, device), ints(kv_len, device))
     torch._dynamo.reset()

@@ -12,6 +12,7 @@ from conftest import (
     make_indices,
     make_q,
     randint,
+    work_dtype,
 )
 from reference import sparse_attention_ref
 
@@ -103,7 +104,7 @@ def test_sparse_edge_cases(device, gen, case, dtype, Qn):
 
 
 def test_sparse_default_scale_and_reexport(device, gen):
-    args = sparse_inputs([33, 12], 40, 3, 4, 128, 8, [20, 5], torch.float32, device, gen)
+    args = sparse_inputs([33, 12], 40, 3, 4, 128, 8, [20, 5], work_dtype(device), device, gen)
     assert std_ext.sparse_attention is std_ext.ops.sparse_attention
     out = std_ext.sparse_attention(*args)
     assert torch.equal(out, torch.ops.std.sparse_attention(*args, 128**-0.5))

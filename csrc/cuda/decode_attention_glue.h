@@ -1,0 +1,124 @@
+// Glue shared by csrc/cuda/dense_attention_kernel.cu and sparse_attention_kernel.cu: the
+// CUDA-only argument checks, the cache layout the kernel's 16-byte copies need, and the
+// translation of tensors into kernels::DecodeAttentionParams.
+#pragma once
+
+#include "cuda/cuda_glue.h"
+#include "kernels/decode_attention.cuh"
+#include "op_checks.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+
+namespace std_ext::cuda {
+
+// The decode kernels run on tensor cores: fp16 and bf16 only.
+inline void check_half_dtype(const char* op, const at::Tensor& q) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "std::", op,
+              ": the CUDA kernel supports float16 and bfloat16, got q of dtype ", dtype,
+              " (the CPU kernel also accepts float32)");
+}
+
+inline void check_int_range(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value <= INT_MAX, "std::", op, ": ", what, " = ", value, " exceeds the CUDA kernel's int32 range");
+}
+
+// cp.async moves 16-byte chunks: each cache row must start on a 16-byte boundary. A view
+// that breaks this (an odd offset or stride) is copied once into a contiguous cache;
+// correct, and only as slow as that copy.
+inline at::Tensor with_aligned_rows(const at::Tensor& cache) {
+  const int64_t elems_per_chunk = 16 / cache.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(cache.const_data_ptr()) % 16 == 0 &&
+                       cache.stride(0) % elems_per_chunk == 0 && cache.stride(1) % elems_per_chunk == 0 &&
+                       cache.stride(2) % elems_per_chunk == 0;
+  return aligned ? cache : cache.contiguous();
+}
+
+inline bool rows_aligned16(const at::Tensor& q) {
+  const int64_t elems_per_chunk = 16 / q.element_size();
+  return reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 && q.stride(0) % elems_per_chunk == 0 &&
+         q.stride(1) % elems_per_chunk == 0 && q.stride(2) % elems_per_chunk == 0;
+}
+
+inline int sm_count(const at::Tensor& like) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, like.device().index()));
+  return count;
+}
+
+// Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start) under
+// `plan`, writing a fresh contiguous [B, Qn, H_q, D] output.
+inline at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& kv_len,
+                                       const at::Tensor* indices, const at::Tensor* tail_start, double scale,
+                                       const AttentionDims& dims, const kernels::DecodeSplitPlan& plan) {
+  check_int_range(op, "the cache capacity", dims.capacity);
+  check_int_range(op, "Qn x H_q", dims.q_len * dims.q_heads);
+  at::Tensor out = at::empty({dims.batch, dims.q_len, dims.q_heads, dims.head_dim}, q.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor k = with_aligned_rows(k_cache);
+  const at::Tensor v = with_aligned_rows(v_cache);
+
+  kernels::DecodeAttentionParams p{};
+  p.q = q.const_data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_i = q.stride(1);
+  p.q_stride_h = q.stride(2);
+  p.q_aligned16 = rows_aligned16(q);
+  p.k = k.const_data_ptr();
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_s = k.stride(2);
+  p.v = v.const_data_ptr();
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_s = v.stride(2);
+  p.kv_len = kv_len.const_data_ptr<int32_t>();
+  if (indices != nullptr) {
+    p.tail_start = tail_start->const_data_ptr<int32_t>();
+    p.indices = indices->const_data_ptr<int32_t>();
+    p.indices_stride_b = indices->stride(0);
+    p.indices_stride_h = indices->stride(1);
+    p.num_indices = static_cast<int>(indices->size(2));
+  }
+  p.out = out.mutable_data_ptr();
+  p.batch = static_cast<int>(dims.batch);
+  p.q_len = static_cast<int>(dims.q_len);
+  p.q_heads = static_cast<int>(dims.q_heads);
+  p.kv_heads = static_cast<int>(dims.kv_heads);
+  p.group = static_cast<int>(dims.group);
+  p.capacity = static_cast<int>(dims.capacity);
+  p.num_splits = plan.num_splits;
+  p.split_len = plan.split_len;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  at::Tensor partial_out, partial_lse;
+  const int64_t partial_rows = kernels::decode_partial_rows(p);
+  if (partial_rows > 0) {
+    partial_out = at::empty({partial_rows, dims.head_dim}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
+    p.partial_out = partial_out.mutable_data_ptr<float>();
+    p.partial_lse = partial_lse.mutable_data_ptr<float>();
+  }
+
+  const cudaStream_t stream = current_stream(q);
+  cudaError_t err = cudaSuccess;
+  STD_EXT_HEAD_DIM_SWITCH(dims.head_dim, kHeadDim, [&] {
+    if (q.scalar_type() == at::kBFloat16) {
+      err = kernels::launch_decode_attention<__nv_bfloat16, kHeadDim>(p, stream);
+    } else {
+      err = kernels::launch_decode_attention<__half, kHeadDim>(p, stream);
+    }
+  });
+  C10_CUDA_CHECK(err);
+  return out;
+}
+
+}  // namespace std_ext::cuda
