@@ -1,0 +1,219 @@
+"""topk_indices on CUDA: bitwise equal to the CPU kernel (the definition) on the CPU copies.
+
+Covers both launch shapes of the CUDA kernel: one block per row (many or short rows) and
+several blocks per row (few rows of 16K+ positions, e.g. 112 rows x 128K), the early
+exits of the radix selection (at most k candidates; a digit bin holding exactly what is
+still needed) and the tie rules (equal scores and -0.0/+0.0 to the lower position, NaN
+below -inf). The conftest autouse fixture fills fresh outputs with poison, so a slot the
+kernel forgets to write fails the comparison.
+"""
+
+import pytest
+import torch
+
+import std_ext
+
+
+def _has_cuda_kernel():
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("std::topk_indices", "CUDA")
+    except RuntimeError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
+    pytest.mark.skipif(not _has_cuda_kernel(), reason="std_ext was built without its CUDA kernels"),
+]
+
+NAN, INF = float("nan"), float("inf")
+# S from 1 to 256K: short rows, a row one past the 4096 short-row block size, and rows
+# long enough to be split over several blocks.
+LENGTHS = (1, 2, 7, 1000, 4097, 65536, 262144)
+KS = (1, 17, 1024, 4096)
+DISTS = ("random", "ties", "all_equal", "signed_zeros", "nan_inf")
+MASKS = ("all", "holes", "sparse")
+
+
+def make_scores(shape, dist, gen):
+    if dist == "random":
+        return torch.randn(*shape, generator=gen)
+    if dist == "ties":  # 8 values: huge tie groups straddle the k-th place
+        return torch.randint(0, 8, shape, generator=gen).float()
+    if dist == "all_equal":
+        return torch.full(shape, 0.25)
+    if dist == "signed_zeros":  # -0.0 == +0.0 for the CPU kernel: a tie, lower position wins
+        zeros = torch.where(torch.rand(*shape, generator=gen) < 0.5, 0.0, -0.0)
+        return torch.where(torch.rand(*shape, generator=gen) < 0.1, torch.randn(*shape, generator=gen), zeros)
+    if dist == "nan_inf":  # NaN ranks below -inf; denormals are distinct from zero
+        pool = torch.tensor([NAN, -INF, INF, -1.0, 0.0, -0.0, 1.0, 1e-45, -1e-45, 3.0])
+        x = pool[torch.randint(0, len(pool), shape, generator=gen)]
+        return torch.where(torch.rand(*shape, generator=gen) < 0.3, torch.randn(*shape, generator=gen), x)
+    raise ValueError(dist)
+
+
+def make_candidates(B, S, kind, gen):
+    if kind == "all":
+        return torch.ones(B, S, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(B, S, dtype=torch.bool)
+    p = {"holes": 0.7, "sparse": min(1.0, 5.0 / S)}[kind]
+    cand = torch.rand(B, S, generator=gen) < p
+    if B > 1:
+        cand[-1] = False  # a row with no candidates at all: k slots of -1
+    return cand
+
+
+def assert_matches_cpu(scores, cand, k):
+    out = torch.ops.std.topk_indices(scores, cand, k)
+    ref = torch.ops.std.topk_indices(scores.cpu(), cand.cpu(), k)
+    B, H, _ = scores.shape
+    assert out.device == scores.device and out.dtype == torch.int32 and out.shape == (B, H, k)
+    assert out.is_contiguous()
+    got = out.cpu()
+    if not torch.equal(got, ref):
+        where = (got != ref).nonzero()[0].tolist()
+        b, h, _ = where
+        raise AssertionError(
+            f"first mismatch at {where}: cuda row {got[b, h, :12].tolist()}... cpu row {ref[b, h, :12].tolist()}..."
+        )
+    return out
+
+
+def k_values(S):
+    return sorted({k for k in KS if k <= S} | {S})
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("S", LENGTHS)
+def test_matches_cpu(gen, S, dist, mask):
+    B, H = 2, 3
+    scores = make_scores((B, H, S), dist, gen).cuda()
+    cand = make_candidates(B, S, mask, gen).cuda()
+    for k in k_values(S):
+        assert_matches_cpu(scores, cand, k)
+
+
+@pytest.mark.parametrize("S", (7, 4097, 65536))
+def test_fewer_candidates_than_k(gen, S):
+    """k > #candidates: every candidate ascending, then -1; an all-False row is all -1."""
+    B, H = 3, 2
+    scores = make_scores((B, H, S), "random", gen).cuda()
+    cand = torch.zeros(B, S, dtype=torch.bool)
+    cand[0, torch.randperm(S, generator=gen)[: max(1, S // 3)]] = True
+    cand[1, -1] = True  # one candidate, at the last position
+    cand = cand.cuda()
+    for k in sorted({S // 2 + 1, S}):
+        out = assert_matches_cpu(scores, cand, k)
+        assert (out[2] == -1).all()
+
+
+@pytest.mark.parametrize("mask", ("all", "none"))
+def test_k_equals_candidates(gen, mask):
+    S = 4097
+    scores = make_scores((2, 3, S), "ties", gen).cuda()
+    cand = make_candidates(2, S, mask, gen).cuda()
+    out = assert_matches_cpu(scores, cand, S)
+    if mask == "all":
+        assert torch.equal(out.cpu(), torch.arange(S, dtype=torch.int32).expand(2, 3, S))
+
+
+@pytest.mark.parametrize("S", (1, 1000, 65536))
+def test_k_zero(gen, S):
+    scores = make_scores((2, 3, S), "random", gen).cuda()
+    cand = make_candidates(2, S, "holes", gen).cuda()
+    out = torch.ops.std.topk_indices(scores, cand, 0)
+    assert out.shape == (2, 3, 0) and out.dtype == torch.int32 and out.device == scores.device
+
+
+@pytest.mark.parametrize("dist", ("random", "ties"))
+@pytest.mark.parametrize("B,H", [(1, 1), (2, 3), (28, 4)], ids=lambda v: str(v))
+def test_row_shapes_long(gen, B, H, dist):
+    """112 rows x 128K with k = 1024 (the multi-block split at its intended size), and fewer rows."""
+    S = 131072
+    scores = make_scores((B, H, S), dist, gen).cuda()
+    cand = make_candidates(B, S, "holes", gen).cuda()
+    assert_matches_cpu(scores, cand, 1024)
+
+
+def test_many_long_rows_one_block_each(gen):
+    """Enough rows that each gets one block, with rows far longer than a block's chunk."""
+    B, H, S = 75, 4, 40000
+    scores = make_scores((B, H, S), "random", gen).cuda()
+    cand = make_candidates(B, S, "holes", gen).cuda()
+    for k in (17, 4096):
+        assert_matches_cpu(scores, cand, k)
+
+
+def test_thousands_of_short_rows(gen):
+    B, H, S = 64, 64, 1000
+    scores = make_scores((B, H, S), "ties", gen).cuda()
+    cand = make_candidates(B, S, "holes", gen).cuda()
+    for k in (1, 17, 999):
+        assert_matches_cpu(scores, cand, k)
+
+
+@pytest.mark.parametrize("S", (1000, 65536))
+def test_noncontiguous_scores(gen, S):
+    """Views: a head slice of a bigger tensor with a start offset in the last dim (so the
+    row is not 16-byte aligned), and a heads-major buffer transposed to [B, H, S]."""
+    B, H = 2, 3
+    big = torch.full((B, H + 2, S + 5), NAN)
+    big[:, 1 : 1 + H, 3 : 3 + S] = make_scores((B, H, S), "ties", gen)
+    sliced = big.cuda()[:, 1 : 1 + H, 3 : 3 + S]
+    heads_major = make_scores((H, B, S), "random", gen).cuda().transpose(0, 1)
+    cand = make_candidates(B, S, "holes", gen).cuda()
+    for scores in (sliced, heads_major):
+        assert not scores.is_contiguous()
+        for k in (17, min(S, 1024)):
+            assert_matches_cpu(scores, cand, k)
+
+
+def test_noncontiguous_candidates(gen):
+    S = 5000
+    scores = make_scores((2, 3, S), "random", gen).cuda()
+    cand = make_candidates(S, 2, "holes", gen).cuda().t()  # [2, S] view of an [S, 2] tensor
+    assert not cand.is_contiguous()
+    assert_matches_cpu(scores, cand, 100)
+
+
+def test_hand_case():
+    """Ties -> lower position; NaN last; -0.0 ties +0.0; -1 padding; output ascending."""
+    scores = torch.tensor([[[1.0, 3.0, 3.0, NAN, -0.0, 3.0, NAN, 5.0, 0.0]]], device="cuda")
+    cand = torch.tensor([[True, True, False, True, True, True, True, True, True]], device="cuda")
+    assert std_ext.ops.topk_indices(scores, cand, 3).tolist() == [[[1, 5, 7]]]
+    assert std_ext.ops.topk_indices(scores, cand, 5).tolist() == [[[0, 1, 4, 5, 7]]]
+    assert std_ext.ops.topk_indices(scores, cand, 6).tolist() == [[[0, 1, 4, 5, 7, 8]]]
+    assert std_ext.ops.topk_indices(scores, cand, 9).tolist() == [[[0, 1, 3, 4, 5, 6, 7, 8, -1]]]
+
+
+def test_current_stream_and_graph_capture(gen):
+    """The op runs on the current stream and, with no host sync, can be captured in a graph."""
+    B, H, S, k = 2, 3, 65536, 1024
+    scores = make_scores((B, H, S), "random", gen).cuda()
+    cand = make_candidates(B, S, "holes", gen).cuda()
+    expected = torch.ops.std.topk_indices(scores.cpu(), cand.cpu(), k)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = torch.ops.std.topk_indices(scores, cand, k)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(warm.cpu(), expected)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.std.topk_indices(scores, cand, k)
+    new_scores = make_scores((B, H, S), "ties", gen)
+    scores.copy_(new_scores)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.cpu(), torch.ops.std.topk_indices(new_scores, cand.cpu(), k))
+
+
+def test_matches_torch_topk_on_distinct_scores(gen):
+    """Independent cross-check at the multi-block size: no ties, all candidates."""
+    scores = torch.randn(4, 2, 131072, generator=gen).cuda()
+    out = std_ext.ops.topk_indices(scores, torch.ones(4, 131072, dtype=torch.bool, device="cuda"), 4096)
+    assert torch.equal(out.long(), scores.topk(4096, dim=-1).indices.sort(dim=-1).values)
