@@ -12,18 +12,11 @@ import pytest
 import torch
 
 import std_ext
-
-
-def _has_cuda_kernel():
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("std::topk_indices", "CUDA")
-    except RuntimeError:
-        return False
-
+from conftest import has_cuda_kernel
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
-    pytest.mark.skipif(not _has_cuda_kernel(), reason="std_ext was built without its CUDA kernels"),
+    pytest.mark.skipif(not has_cuda_kernel("topk_indices"), reason="std_ext was built without its CUDA kernels"),
 ]
 
 NAN, INF = float("nan"), float("inf")

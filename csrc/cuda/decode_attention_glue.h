@@ -54,8 +54,10 @@ inline int sm_count(const at::Tensor& like) {
 }
 
 // Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start) under
-// `plan`, writing a fresh contiguous [B, Qn, H_q, D] output.
-inline at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+// `plan`, writing a fresh contiguous [B, Qn, H_q, D] output. Each op's file instantiates
+// only its own variant (kSparse), which halves its build time.
+template <bool kSparse>
+at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
                                        const at::Tensor& v_cache, const at::Tensor& kv_len,
                                        const at::Tensor* indices, const at::Tensor* tail_start, double scale,
                                        const AttentionDims& dims, const kernels::DecodeSplitPlan& plan) {
@@ -81,7 +83,7 @@ inline at::Tensor run_decode_attention(const char* op, const at::Tensor& q, cons
   p.v_stride_h = v.stride(1);
   p.v_stride_s = v.stride(2);
   p.kv_len = kv_len.const_data_ptr<int32_t>();
-  if (indices != nullptr) {
+  if constexpr (kSparse) {
     p.tail_start = tail_start->const_data_ptr<int32_t>();
     p.indices = indices->const_data_ptr<int32_t>();
     p.indices_stride_b = indices->stride(0);
@@ -112,9 +114,9 @@ inline at::Tensor run_decode_attention(const char* op, const at::Tensor& q, cons
   cudaError_t err = cudaSuccess;
   STD_EXT_HEAD_DIM_SWITCH(dims.head_dim, kHeadDim, [&] {
     if (q.scalar_type() == at::kBFloat16) {
-      err = kernels::launch_decode_attention<__nv_bfloat16, kHeadDim>(p, stream);
+      err = kernels::launch_decode_attention<__nv_bfloat16, kHeadDim, kSparse>(p, stream);
     } else {
-      err = kernels::launch_decode_attention<__half, kHeadDim>(p, stream);
+      err = kernels::launch_decode_attention<__half, kHeadDim, kSparse>(p, stream);
     }
   });
   C10_CUDA_CHECK(err);

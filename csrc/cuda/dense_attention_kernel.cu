@@ -18,7 +18,7 @@ at::Tensor dense_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   const kernels::DecodeSplitPlan plan =
       kernels::plan_dense_splits(static_cast<int>(dims.capacity), static_cast<int>(dims.batch),
                                  static_cast<int>(dims.kv_heads), cuda::sm_count(q));
-  return cuda::run_decode_attention(op, q, k_cache, v_cache, kv_len, nullptr, nullptr, scale, dims, plan);
+  return cuda::run_decode_attention<false>(op, q, k_cache, v_cache, kv_len, nullptr, nullptr, scale, dims, plan);
 }
 
 }  // namespace

@@ -479,23 +479,19 @@ inline int64_t decode_partial_rows(const DecodeAttentionParams& p) {
 // Launches the attention kernel (and the merge when num_splits > 1) on `stream`.
 //   q [B, Qn, H_q, D], caches [B, H_kv, S, D], out [B, Qn, H_q, D] contiguous;
 //   partial_out [B * Qn * H_q * num_splits, D] and partial_lse [B * Qn * H_q * num_splits]
-//   fp32, both only when num_splits > 1. T is __nv_bfloat16 or __half; kHeadDim 64 or 128.
-// Rows of a KV head beyond 128 (Qn x G > 128) are served by further row groups, which
-// read the K/V rows again.
-template <typename T, int kHeadDim>
+//   fp32, both only when num_splits > 1. T is __nv_bfloat16 or __half; kHeadDim 64 or 128;
+//   kSparse: p.indices and p.tail_start are set (sparse_attention), else dense_attention.
+// Up to 64 rows (Qn x G) run on 4 warps, up to 128 on 8; beyond that further row groups
+// serve the rest and read the K/V rows again.
+template <typename T, int kHeadDim, bool kSparse>
 cudaError_t launch_decode_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   using namespace decode_detail;
   const int rows = p.q_len * p.group;
   if (p.batch == 0 || rows == 0) return cudaSuccess;
-  const bool sparse = p.tail_start != nullptr;
   if (rows <= 4 * kRowsPerWarp) {
-    const int groups = ceil_div(rows, 4 * kRowsPerWarp);
-    return sparse ? launch_decode_attention_variant<T, kHeadDim, 4, true>(p, groups, stream)
-                  : launch_decode_attention_variant<T, kHeadDim, 4, false>(p, groups, stream);
+    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse>(p, 1, stream);
   }
-  const int groups = ceil_div(rows, 8 * kRowsPerWarp);
-  return sparse ? launch_decode_attention_variant<T, kHeadDim, 8, true>(p, groups, stream)
-                : launch_decode_attention_variant<T, kHeadDim, 8, false>(p, groups, stream);
+  return launch_decode_attention_variant<T, kHeadDim, 8, kSparse>(p, ceil_div(rows, 8 * kRowsPerWarp), stream);
 }
 
 }  // namespace std_ext::kernels
