@@ -53,6 +53,13 @@ inline int sm_count(const at::Tensor& like) {
   return count;
 }
 
+// Programmatic dependent launch (a kernel starting while its predecessor drains) needs sm_90.
+inline bool supports_dependent_launch(const at::Tensor& like) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, like.device().index()));
+  return major >= 9;
+}
+
 // Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start) under
 // `plan`, writing a fresh contiguous [B, Qn, H_q, D] output. Each op's file instantiates
 // only its own variant (kSparse), which halves its build time.
@@ -100,6 +107,7 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   p.num_splits = plan.num_splits;
   p.split_len = plan.split_len;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.overlap_merge = supports_dependent_launch(q);
 
   at::Tensor partial_out, partial_lse;
   const int64_t partial_rows = kernels::decode_partial_rows(p);

@@ -63,6 +63,7 @@ struct DecodeAttentionParams {
   int batch, q_len, q_heads, kv_heads, group, capacity;
   int num_splits, split_len;
   float scale_log2;  // scale * log2(e): softmax runs on exp2
+  bool overlap_merge;  // launch the merge as a programmatic dependent launch (sm_90+)
 };
 
 // How a list is cut: split_len entries per split (a multiple of the tile), num_splits >= 1.
@@ -393,6 +394,11 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const float* __restri
                                                             int64_t num_rows, int num_splits) {
   using E = mma::Element<T>;
   constexpr int kPerLane = kHeadDim / 32;  // 2 or 4 contiguous elements
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a dependent grid, this kernel's blocks start while the attention kernel
+  // drains; they wait here until its writes are complete and visible. A no-op otherwise.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   if (row >= num_rows) return;
   const int lane = threadIdx.x % 32;
@@ -432,9 +438,20 @@ cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int 
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.q_heads;
-  merge_splits_kernel<T, kHeadDim><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(
-      p.partial_out, p.partial_lse, static_cast<T*>(p.out), rows, p.num_splits);
-  return cudaGetLastError();
+  // The merge is tiny and latency-bound; on sm_90 its launch overlaps the attention
+  // kernel's tail (programmatic dependent launch) instead of waiting for it to finish.
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((rows + 3) / 4));
+  config.blockDim = dim3(128);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = overlap;
+  config.numAttrs = p.overlap_merge ? 1 : 0;
+  return cudaLaunchKernelEx(&config, merge_splits_kernel<T, kHeadDim>, static_cast<const float*>(p.partial_out),
+                            static_cast<const float*>(p.partial_lse), static_cast<T*>(p.out), rows, p.num_splits);
 }
 
 // Blocks the launch aims for: one per SM. A block keeps kStages x 32 KB of K/V in flight,
@@ -451,7 +468,7 @@ inline int target_splits(int batch, int kv_heads, int sm_count) {
 // so every call on the same cache cuts a row's keys at the same positions.
 inline DecodeSplitPlan plan_dense_splits(int capacity, int batch, int kv_heads, int sm_count) {
   using namespace decode_detail;
-  constexpr int kMinSplit = 4 * kTileKeys;  // enough tiles to fill the pipeline
+  constexpr int kMinSplit = 2 * kTileKeys;  // short contexts: more blocks beat deeper pipelines
   const int wanted = target_splits(batch, kv_heads, sm_count);
   int split_len = ceil_div(ceil_div(capacity > 0 ? capacity : 1, wanted), kTileKeys) * kTileKeys;
   if (split_len < kMinSplit) split_len = kMinSplit;
@@ -463,7 +480,7 @@ inline DecodeSplitPlan plan_dense_splits(int capacity, int batch, int kv_heads, 
 // tail_start .. kv_len - 1, usually the generated tokens) goes to the last split.
 inline DecodeSplitPlan plan_sparse_splits(int num_indices, int batch, int kv_heads, int sm_count) {
   using namespace decode_detail;
-  constexpr int kMinSplit = 2 * kTileKeys;  // keep sets are short: latency, not bandwidth
+  constexpr int kMinSplit = kTileKeys;  // keep sets are short: latency, not bandwidth
   const int wanted = target_splits(batch, kv_heads, sm_count);
   int split_len = ceil_div(ceil_div(num_indices > 0 ? num_indices : 1, wanted), kTileKeys) * kTileKeys;
   if (split_len < kMinSplit) split_len = kMinSplit;
