@@ -2,9 +2,11 @@
 
 One prefill fills the cache and chooses the keep sets; then each round either decodes
 one token densely (``mode="vanilla"``) or drafts γ tokens with sparse attention and
-verifies them in one dense pass (``mode="std"``, DESIGN.md §1). Lengths live on the
-device and rollback is just a length, so a round reads one value on the host: whether
-every sequence has finished.
+verifies them in one dense pass (``mode="std"``, DESIGN.md §1); with ``gamma="auto"``
+a :class:`~std_ext.gamma.GammaController` picks each round's γ (0: a dense step) from
+the step times and the draft agreement measured so far. Lengths live on the device and
+rollback is just a length, so a round reads one value on the host: whether every
+sequence has finished (plus, under ``"auto"``, the previous round's acceptance counts).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from . import sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
+from .gamma import GammaController, round_trials
 from .models import ModelAdapter
 from .selection import SelectionInputs, SelectionPolicy, keep_indices, make_policy
 
@@ -31,13 +34,23 @@ class GenerationStats:
     Attributes
     ----------
     mode : "std" or "vanilla"
+    gamma : the most drafts a round may run: the fixed ``gamma``, ``gamma_max`` under
+        ``gamma="auto"``, 0 in vanilla mode
+    budget : the keep-set budget asked for
     rounds : decode rounds run after prefill (a vanilla round emits one token)
     new_tokens : tokens emitted per sequence (prefill's token included)
-    mean_accepted : accepted draft tokens per round, averaged over active sequences' rounds
-    acceptance_by_position : fraction of rounds in which draft ``j`` (1-based ``j = i+1``) was accepted
+    mean_accepted : accepted draft tokens per drafting round (γ >= 1), averaged over active
+        sequences' rounds
+    acceptance_by_position : fraction of drafting rounds in which draft ``j`` (1-based ``j = i+1``)
+        was accepted (``gamma`` entries; under "auto" a round with fewer drafts counts as a miss)
+    draft_agreement : accepted drafts over tried drafts, a draft being tried only when every
+        earlier one of its round was accepted: the per-token agreement of sparse and dense
     prefill_s, selection_s, draft_s, verify_s : wall time of each phase (decode = draft + verify;
         a vanilla step counts as verify)
     keep_size : mean kept prompt positions per (sequence, KV head), layer 0
+    gamma_auto : whether γ was chosen per round (``gamma="auto"``)
+    gammas : γ of each round, in order: the fixed ``gamma``; under "auto" the controller's
+        choice, 0 being a plain dense step; all 0 in vanilla mode
     """
 
     mode: str
@@ -52,10 +65,18 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     keep_size: float = 0.0
+    draft_agreement: float = 0.0
+    gamma_auto: bool = False
+    gammas: list[int] = field(default_factory=list)
 
     @property
     def decode_s(self) -> float:
         return self.draft_s + self.verify_s
+
+    @property
+    def draft_steps(self) -> int:
+        """Sparse draft forwards run (``sum(gammas)``): ``draft_s / draft_steps`` is one draft step."""
+        return sum(self.gammas)
 
     @property
     def tokens_per_round(self) -> float:
@@ -80,7 +101,8 @@ def generate(
     *,
     max_new_tokens: int = 64,
     mode: str = "std",
-    gamma: int = 9,
+    gamma: int | str = 9,
+    gamma_max: int = 12,
     budget: int = 1024,
     window: int | None = None,
     selection: str | Callable | SelectionPolicy = "question",
@@ -104,7 +126,10 @@ def generate(
     attention_mask : ``[B, T]``, 1 for tokens, 0 for left padding (default: all ones)
     max_new_tokens : tokens to generate per sequence (EOS included), >= 1
     mode : "std" (sparse draft + dense verify) or "vanilla" (dense, one token per step)
-    gamma : draft tokens per round, >= 1
+    gamma : draft tokens per round, >= 1; or "auto": each round's γ in ``0 .. gamma_max`` is
+        chosen from the measured draft / verify / dense step times and the running draft
+        agreement (:mod:`std_ext.gamma`), 0 being a plain dense step when drafting would not pay
+    gamma_max : the largest γ "auto" may choose, >= 1 (ignored for an integer ``gamma``)
     budget : kept prompt positions per KV head: every non-candidate position plus the top
         ``budget - #non-candidate`` candidates (clamped at 0)
     window : at most this many observation queries (the tokens after the last candidate)
@@ -125,9 +150,10 @@ def generate(
     adapter = ModelAdapter.for_model(model)
     input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
     _check_kernels(input_ids.device, mode)
-    _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p)
+    _check_parameters(max_new_tokens, mode, gamma, gamma_max, budget, window, do_sample, temperature, top_k, top_p)
     eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
-    gamma = gamma if mode == "std" else 0
+    auto = mode == "std" and gamma == "auto"
+    gamma = (gamma_max if auto else gamma) if mode == "std" else 0  # the most drafts a round may run
     warp = _Warp(do_sample, temperature, top_k, top_p, generator)
     policy = make_policy(selection) if mode == "std" else None
 
@@ -138,7 +164,7 @@ def generate(
     dtype = next(model.parameters()).dtype
     _check_capacity(adapter, capacity, width, max_new_tokens, batch, dtype, device)
     cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, dtype, device)
-    stats = GenerationStats(mode=mode, gamma=gamma, budget=budget)
+    stats = GenerationStats(mode=mode, gamma=gamma, budget=budget, gamma_auto=auto)
     timer = _PhaseTimer(device)
 
     if candidate_mask is None:
@@ -153,7 +179,7 @@ def generate(
                 _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
         decoder = _Decoder(adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
-                           prompt_len, timer, stats)
+                           prompt_len, timer, stats, controller=GammaController(gamma) if auto else None)
         new_tokens = decoder.run(warp.pick(first_logits[:, -1]), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -275,18 +301,58 @@ class _Warp:
         return sampling.sample_tokens(self.probs(logits), self.generator)
 
 
+class _Tally:
+    """Acceptance counts of the decode loop, kept on the device (read once, at the end).
+
+    ``last`` holds the previous round's accepted and tried drafts summed over its active
+    sequences, long ``[2]``: under ``gamma="auto"`` it rides along with the round's readback.
+    """
+
+    def __init__(self, gamma: int, batch: int, device: torch.device) -> None:
+        def zeros(size: int) -> torch.Tensor:
+            return torch.zeros(size, dtype=torch.long, device=device)
+
+        self.rounds, self.accepted, self.trials = zeros(batch), zeros(batch), zeros(batch)  # [B] drafting rounds
+        self.accepted_at = zeros(max(gamma, 1))  # [γ_max] rounds accepting draft j+1
+        self.last = zeros(2)
+        self.offsets = torch.arange(max(gamma, 1), device=device)
+
+    def add(self, active: torch.Tensor, n: torch.Tensor, gamma: int, keep_last: bool) -> None:
+        """Count a round of ``gamma`` drafts: ``active`` bool ``[B]``, ``n`` accepted long ``[B]``."""
+        if gamma == 0:  # a dense step drafts nothing
+            if keep_last:
+                self.last = torch.zeros_like(self.last)
+            return
+        accepted = torch.where(active, n, 0)
+        trials = torch.where(active, round_trials(n, gamma), 0)
+        self.rounds += active.long()
+        self.accepted += accepted
+        self.trials += trials
+        self.accepted_at[:gamma] += ((self.offsets[None, :gamma] < n[:, None]) & active[:, None]).sum(0)
+        if keep_last:
+            self.last = torch.stack([accepted.sum(), trials.sum()])
+
+
 class _Decoder:
-    """Rounds after prefill; all per-sequence state stays on the device."""
+    """Rounds after prefill; all per-sequence state stays on the device.
+
+    ``gamma`` is every round's γ (0: vanilla decoding) or, with a ``controller``
+    (``gamma="auto"``), the most drafts a round may run: the cache is sized for it and
+    the controller picks each round's γ in ``0 .. gamma``.
+    """
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
-                 prompt_len, timer, stats):
+                 prompt_len, timer, stats, controller: GammaController | None = None):
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
         self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
         self.rope_delta, self.timer, self.stats = rope_delta, timer, stats
+        self.controller = controller
         device = prompt_len.device
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.cur_len = prompt_len.clone()  # [B] cached tokens; the pending token sits at cur_len
         self.offsets = torch.arange(gamma + 1, device=device)  # [γ+1]
+        if controller is not None:
+            timer.track_rounds()
 
     def run(self, first: torch.Tensor, progress: bool) -> torch.Tensor:
         batch, device = first.shape[0], first.device
@@ -295,56 +361,72 @@ class _Decoder:
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         finished = torch.isin(first, self.eos_ids) | (emitted >= self.max_new_tokens)
         pending = first
-        rounds = torch.zeros(batch, dtype=torch.long, device=device)
-        accepted = torch.zeros(batch, dtype=torch.long, device=device)
-        accepted_at = torch.zeros(max(self.gamma, 1), dtype=torch.long, device=device)
+        tally = _Tally(self.gamma, batch, device)
+        gammas: list[int] = []
         bar = _progress_bar(progress, batch * self.max_new_tokens)
-        round_count = 0
         while True:
-            done, total = torch.stack([finished.all().long(), emitted.sum()]).tolist()  # the round's one sync
+            readback = torch.stack([finished.all().long(), emitted.sum()])
+            if self.controller is not None:
+                readback = torch.cat([readback, tally.last])  # + the last round's accepted and tried drafts
+            done, total, *counts = readback.tolist()  # the round's one sync
+            if counts and gammas:
+                self._observe(gammas[-1], *counts)
             if bar is not None:
                 bar.update(total - bar.n)
             if done:
                 break
+            gamma = self.gamma if self.controller is None else self.controller.choose()
             active = ~finished
-            n, bonus, drafts = self._round(pending)  # [B], [B], [B, γ]
-            tokens = torch.where(self.offsets[None] < n[:, None],
-                                 torch.cat([drafts, bonus[:, None]], 1), bonus[:, None])  # [B, γ+1]
-            valid = (self.offsets[None] <= n[:, None]) & active[:, None]
-            is_eos = torch.isin(tokens, self.eos_ids) & valid
-            first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), self.gamma + 1)
-            valid &= self.offsets[None] <= first_eos[:, None]
-            valid &= self.offsets[None] < (self.max_new_tokens - emitted)[:, None]
-            slots = torch.where(valid, emitted[:, None] + self.offsets[None], self.max_new_tokens)
-            out.scatter_(1, slots, torch.where(valid, tokens, self.pad_id))
-            emitted += valid.sum(1)
-            finished |= (is_eos & valid).any(1) | (emitted >= self.max_new_tokens)
+            n, bonus, drafts = self._round(pending, gamma)  # [B], [B], [B, γ]
+            self._emit(out, emitted, finished, active, n, bonus, drafts, gamma)
             # stale lengths of finished rows are clamped so their writes stay inside the cache
             self.cur_len = torch.where(active, self.cur_len + n + 1, self.cur_len).clamp(
                 max=self.cache.capacity - self.gamma - 1)
             pending = bonus
-            rounds += active.long()
-            accepted += torch.where(active, n, 0)
-            if self.gamma:
-                accepted_at += ((self.offsets[None, : self.gamma] < n[:, None]) & active[:, None]).sum(0)
-            round_count += 1
+            tally.add(active, n, gamma, keep_last=self.controller is not None)
+            gammas.append(gamma)
         if bar is not None:
             bar.close()
-        self._finish_stats(round_count, rounds, accepted, accepted_at, emitted)
+        self._finish_stats(gammas, tally, emitted)
         return out[:, : int(emitted.max())]
 
-    def _round(self, pending: torch.Tensor):
-        if self.gamma == 0:
+    def _emit(self, out, emitted, finished, active, n, bonus, drafts, gamma) -> None:
+        """Write a round's accepted drafts and bonus token into ``out``, up to EOS and
+        ``max_new_tokens``; updates ``emitted`` and ``finished`` in place."""
+        offsets = self.offsets[: gamma + 1]  # [γ+1]
+        tokens = torch.where(offsets[None] < n[:, None], torch.cat([drafts, bonus[:, None]], 1), bonus[:, None])
+        valid = (offsets[None] <= n[:, None]) & active[:, None]  # [B, γ+1]
+        is_eos = torch.isin(tokens, self.eos_ids) & valid
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), gamma + 1)
+        valid &= offsets[None] <= first_eos[:, None]
+        valid &= offsets[None] < (self.max_new_tokens - emitted)[:, None]
+        slots = torch.where(valid, emitted[:, None] + offsets[None], self.max_new_tokens)
+        out.scatter_(1, slots, torch.where(valid, tokens, self.pad_id))
+        emitted += valid.sum(1)
+        finished |= (is_eos & valid).any(1) | (emitted >= self.max_new_tokens)
+
+    def _observe(self, gamma: int, accepted: int, trials: int) -> None:
+        """Hand the controller what the previous round measured (its CUDA events are complete:
+        the readback that returned ``accepted`` and ``trials`` waited for the round)."""
+        seconds = {"draft": 0.0, "verify": 0.0}
+        for name, elapsed in self.timer.drain():
+            if name in seconds:
+                seconds[name] += elapsed
+        self.controller.observe(gamma, seconds["draft"], seconds["verify"], accepted, trials)
+
+    def _round(self, pending: torch.Tensor, gamma: int):
+        if gamma == 0:
             with self.timer.phase("verify"):
                 logits = self._forward("dense", pending[:, None], self.cur_len[:, None])  # [B, 1, V]
                 token = self.warp.pick(logits[:, 0])
             empty = pending.new_empty(pending.shape[0], 0)
             return torch.zeros_like(pending), token, empty
         with self.timer.phase("draft"):
-            drafts, draft_probs = self._draft(pending)
+            drafts, draft_probs = self._draft(pending, gamma)
         with self.timer.phase("verify"):
+            offsets = self.offsets[: gamma + 1]
             block = torch.cat([pending[:, None], drafts], 1)  # [B, γ+1]
-            positions = self.cur_len[:, None] + self.offsets[None]  # [B, γ+1]
+            positions = self.cur_len[:, None] + offsets[None]  # [B, γ+1]
             capture = self.policy.needs_verify_queries
             step_logits = self._forward("dense", block, positions, capture=capture)  # [B, γ+1, V]
             if self.warp.do_sample:
@@ -353,15 +435,15 @@ class _Decoder:
             else:
                 n, bonus = sampling.greedy_accept(drafts, step_logits)
             if capture:
-                self._refresh(positions, n)
+                self._refresh(positions, n, offsets)
         return n, bonus, drafts
 
-    def _draft(self, pending: torch.Tensor):
+    def _draft(self, pending: torch.Tensor, gamma: int):
         batch = pending.shape[0]
-        drafts = pending.new_empty(batch, self.gamma)
+        drafts = pending.new_empty(batch, gamma)
         probs = []
         token = pending
-        for j in range(self.gamma):
+        for j in range(gamma):
             logits = self._forward("sparse", token[:, None], (self.cur_len + j)[:, None])[:, 0]  # [B, V]
             if self.warp.do_sample:
                 q = self.warp.probs(logits)
@@ -374,10 +456,11 @@ class _Decoder:
 
     def _forward(self, mode: str, tokens: torch.Tensor, positions: torch.Tensor, capture: bool = False):
         """One model forward of ``tokens [B, Q]`` at cache ``positions [B, Q]``; logits ``[B, Q, V]``."""
+        batch, width = tokens.shape
         self._step = ForwardStep(
             mode=mode, cache=self.cache, slots=positions,
             kv_len=(positions[:, -1] + 1).to(torch.int32),
-            capture_rows=self.offsets[None].expand(tokens.shape[0], -1) if capture else None,
+            capture_rows=self.offsets[None, :width].expand(batch, -1) if capture else None,
         )
         out = self.adapter.model(
             input_ids=tokens, position_ids=self.adapter.decode_positions(positions, self.rope_delta),
@@ -385,9 +468,9 @@ class _Decoder:
         )
         return out.logits
 
-    def _refresh(self, positions: torch.Tensor, n: torch.Tensor) -> None:
+    def _refresh(self, positions: torch.Tensor, n: torch.Tensor, offsets: torch.Tensor) -> None:
         """Let the policy re-choose keep sets from the accepted verify queries."""
-        query_pos = torch.where(self.offsets[None] <= n[:, None], positions, -1).to(torch.int32)  # [B, γ+1]
+        query_pos = torch.where(offsets[None] <= n[:, None], positions, -1).to(torch.int32)  # [B, γ+1]
         keep = self.cache.keep
         for layer in range(self.adapter.num_layers):
             k_cache, _ = self.cache.layer(layer)
@@ -395,13 +478,16 @@ class _Decoder:
             if chosen is not None:
                 keep.indices[layer] = keep_indices(keep.always, chosen, self.adapter.num_kv_heads, keep.width)
 
-    def _finish_stats(self, round_count, rounds, accepted, accepted_at, emitted):
+    def _finish_stats(self, gammas: list[int], tally: _Tally, emitted: torch.Tensor) -> None:
         stats = self.stats
-        stats.rounds = round_count
+        stats.rounds = len(gammas)
+        stats.gammas = gammas
         stats.new_tokens = emitted.tolist()
-        active_rounds = max(int(rounds.sum()), 1)
-        stats.mean_accepted = float(accepted.sum()) / active_rounds
-        stats.acceptance_by_position = [float(v) / active_rounds for v in accepted_at[: self.gamma].tolist()]
+        rounds, accepted, trials = (int(v) for v in torch.stack(
+            [tally.rounds.sum(), tally.accepted.sum(), tally.trials.sum()]).tolist())
+        stats.mean_accepted = accepted / max(rounds, 1)
+        stats.acceptance_by_position = [v / max(rounds, 1) for v in tally.accepted_at[: self.gamma].tolist()]
+        stats.draft_agreement = accepted / max(trials, 1)
 
 
 # --------------------------------------------------------------------------- checks and helpers
@@ -450,15 +536,17 @@ def _check_kernels(device: torch.device, mode: str) -> None:
         )
 
 
-def _check_parameters(max_new_tokens, mode, gamma, budget, window, do_sample, temperature, top_k, top_p):
-    def integer(value, name, low):
+def _check_parameters(max_new_tokens, mode, gamma, gamma_max, budget, window, do_sample, temperature, top_k, top_p):
+    def integer(value, name, low, alternative=""):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"std_ext.generate: {name} must be an integer >= {low}, got {value!r}")
+            raise ValueError(f"std_ext.generate: {name} must be an integer >= {low}{alternative}, got {value!r}")
 
     if mode not in ("std", "vanilla"):
         raise ValueError(f"std_ext.generate: mode must be 'std' or 'vanilla', got {mode!r}")
     integer(max_new_tokens, "max_new_tokens", 1)
-    integer(gamma, "gamma", 1)
+    if gamma != "auto":
+        integer(gamma, "gamma", 1, " or 'auto'")
+    integer(gamma_max, "gamma_max", 1)
     integer(budget, "budget", 0)
     if window is not None:
         integer(window, "window", 1)
@@ -536,12 +624,31 @@ def _layer_progress(adapter: ModelAdapter, enabled: bool, desc: str) -> Iterator
 
 
 class _PhaseTimer:
-    """Wall time per phase without a host sync per phase (CUDA events, read at the end)."""
+    """Wall time per phase without a host sync per phase (CUDA events, read at the end).
+
+    After :meth:`track_rounds`, :meth:`drain` also returns each phase recorded since the
+    previous drain (for the γ controller); on CUDA only once a sync has covered them.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.recent: list[tuple[str, float]] | None = None  # CPU phases not drained yet; None: not tracked
+        self.drained = 0  # CUDA: events before this index were drained
+
+    def track_rounds(self) -> None:
+        """Start keeping phases for :meth:`drain` (those recorded so far are skipped)."""
+        self.recent, self.drained = [], len(self.events)
+
+    def drain(self) -> list[tuple[str, float]]:
+        """``(phase, seconds)`` of every phase recorded since the last drain, in order."""
+        if self.cuda:
+            fresh = self.events[self.drained:]
+            self.drained = len(self.events)
+            return [(name, start.elapsed_time(end) / 1000.0) for name, start, end in fresh]
+        fresh, self.recent = self.recent or [], []
+        return fresh
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -554,7 +661,10 @@ class _PhaseTimer:
         else:
             began = time.perf_counter()
             yield
-            self.totals[name] += time.perf_counter() - began
+            elapsed = time.perf_counter() - began
+            self.totals[name] += elapsed
+            if self.recent is not None:
+                self.recent.append((name, elapsed))
 
     def collect(self, stats: GenerationStats) -> None:
         if self.cuda:

@@ -1,0 +1,655 @@
+"""End-to-end decoding speed of Sparse-to-Dense on a Qwen2-7B-shaped model (random weights).
+
+The model is ``transformers.Qwen2ForCausalLM`` built from a config of Qwen2-7B's shape
+(28 layers, hidden 3584, 28 query / 4 KV heads, head_dim 128, MLP 18944, vocab 152064)
+with random bf16 weights drawn on the GPU (nothing is downloaded). Each prompt is random
+token ids: 10% text, a "visual" span of 90% (the candidate mask, the keep-set pool), then
+a 64-token question. For every (context, batch) that fits in memory, one run measures:
+
+- decode-only time per token of vanilla decoding, StD at ``--gamma``, StD at the γ the
+  measured step times say is best, StD with ``gamma="auto"``, and ``transformers``'
+  ``generate`` (SDPA, static cache when it works), prefill excluded;
+- the vanilla, draft and verify step times, each over its bandwidth floor: the bytes a
+  step must read (weights + KV cache for vanilla and verify, weights + keep-set KV for a
+  draft) over the device-to-device copy bandwidth measured in the same run;
+- mean accepted drafts per round and the per-token draft agreement;
+- the speedup StD *would* give at draft agreement 0.9 and 0.95 for γ = 2..12, computed
+  from the measured step times (:mod:`std_ext.gamma`'s model), and the best γ;
+- prefill and keep-set selection time; peak GPU memory of each run and what StD adds
+  over vanilla decoding, against the KV cache's size (target: <= 2%);
+- exactness: the share of sequences whose StD tokens equal the vanilla tokens and, at
+  each divergence, the dense model's top-2 logit margin there (a near-tie: bf16 rounding
+  differs between a one-token step and a γ+1-token verify pass).
+
+Step times come from ``GenerationStats`` (CUDA events per phase): vanilla step =
+``verify_s / rounds`` of the vanilla run, draft step = ``draft_s / draft_steps`` and verify
+step = ``verify_s / rounds`` of the fixed-γ run. Decode-only time = the ``generate`` call's
+wall time (synchronised) minus its prefill and selection, so it includes the loop's
+bookkeeping and its one readback per round; for ``transformers``, the time from the first
+logits (a logits processor records it) to the end, over the remaining tokens.
+
+A configuration whose estimated peak (weights + KV cache + one prefill layer's activations
+over the whole batch: std_ext prefills a batch in one forward) exceeds the GPU's memory is
+skipped with a note, as is one that runs out of memory anyway. ``transformers`` runs
+without ``torch.compile``, as std_ext does.
+
+Run on a GPU (minutes per configuration; the prefills dominate)::
+
+    python bench/e2e.py --out e2e.md
+
+``--tiny`` shrinks the model (2 layers, hidden 64) and the contexts so that the whole
+script runs on the CPU in well under a minute: a smoke test, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+try:
+    import std_ext
+except ImportError:  # not installed: the source tree's (built in place), as `python bench/e2e.py` from a clone
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import std_ext
+from std_ext import gamma as gm  # noqa: E402
+
+GiB, MiB = 2**30, 2**20
+
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, rope_theta=1_000_000.0, init_std=0.02)
+# std 0.2 as in python_tests/tiny_models.py: at hidden 64, std 0.02 would give near-flat logits (ties)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, rope_theta=10_000.0, init_std=0.2)
+AGREEMENTS = (0.9, 0.95)
+COMPUTED_GAMMAS = range(2, 13)
+AUTO_TARGETS = (1.03, 1.05)  # auto / vanilla at most, auto / best fixed γ at most (where StD wins)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Settings:
+    """What one invocation measures (see ``--help``)."""
+
+    contexts: list[int]
+    batches: list[int]
+    gamma: int
+    budget: int
+    new_tokens: int
+    question: int
+    visual_share: float
+    max_margins: int
+    hf: bool
+    seed: int
+    tiny: bool
+    device: torch.device
+    dtype: torch.dtype
+    shape: dict
+
+
+def make_config(shape: dict, max_positions: int):
+    """A ``Qwen2Config`` of ``shape`` (:data:`QWEN2_7B` or :data:`TINY`) with room for ``max_positions``."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"], vocab_size=shape["vocab_size"],
+        max_position_embeddings=max_positions, rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+    )
+
+
+def build_model(shape: dict, max_positions: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """``Qwen2ForCausalLM`` of ``shape`` with weights ~ normal(0, init_std) drawn on ``device``.
+
+    The default initialisation is skipped (on a 7B model it is the slow part); norms get
+    weight 1. SDPA is the model's own attention (``transformers`` ``generate`` uses it;
+    std_ext swaps in its own while it decodes).
+    """
+    from transformers import Qwen2ForCausalLM
+
+    config = make_config(shape, max_positions)
+    with _no_default_init(), torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2]:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, shape["init_std"], generator=generator)
+    model.eval()
+    model.generation_config.eos_token_id = None  # every sequence decodes all its tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _no_default_init():
+    """``transformers``' switch that skips weight initialisation (a no-op context if absent)."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older layouts: initialise normally, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def make_prompts(settings: Settings, context: int, batch: int, vocab: int, seed: int):
+    """Random prompts ``[B, T]``: text, a visual span of ``visual_share`` of T, the question.
+
+    Returns ``(input_ids long [B, T], candidate_mask bool [B, T])``; the candidates are the
+    visual span, the question is the last ``settings.question`` tokens.
+    """
+    span = round(settings.visual_share * context)
+    prefix = context - span - settings.question
+    if prefix < 0:
+        raise ValueError(f"context {context} is too short for a {settings.visual_share:.0%} span and a "
+                         f"{settings.question}-token question")
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, context), generator=generator)
+    candidate_mask = torch.zeros(batch, context, dtype=torch.bool)
+    candidate_mask[:, prefix : prefix + span] = True
+    return input_ids.to(settings.device), candidate_mask.to(settings.device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    repeats = 10
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000.0
+    else:
+        began = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        seconds = time.perf_counter() - began
+    return 2 * nbytes * repeats / seconds
+
+
+# --------------------------------------------------------------------------- byte counts
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter but the input embedding table
+    (a step reads only its tokens' rows of it)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+
+
+def kv_bytes(config, batch: int, positions: float, element: int) -> float:
+    """K and V bytes of ``positions`` cached tokens per sequence: 2 × layers × B × H_kv × positions × D × element."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * positions * head_dim * element
+
+
+def estimate_peak_bytes(model, settings: Settings, context: int, batch: int) -> int:
+    """Peak memory of the biggest run of a configuration, estimated before allocating.
+
+    Weights + the KV cache + one prefill layer's activations over the whole batch (hidden
+    states, Q and the GQA-expanded K/V for SDPA, the MLP's gate, up and product), + 1 GiB.
+    """
+    config = model.config
+    element = torch.empty((), dtype=settings.dtype).element_size()
+    capacity = context + settings.new_tokens + max(settings.gamma, 12) + 2
+    hidden, inter = config.hidden_size, config.intermediate_size
+    per_token = element * (6 * hidden + 4 * hidden + 3 * inter)  # [B·T, ·] tensors alive at once, by width
+    embedding = model.get_input_embeddings().weight
+    weights = weight_bytes(model) + embedding.numel() * embedding.element_size()
+    return int(weights + kv_bytes(config, batch, capacity, element) + batch * context * per_token + GiB)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """One ``generate`` call: new tokens per sequence, its stats, and timings in seconds."""
+
+    name: str
+    tokens: list[list[int]] = field(default_factory=list)
+    stats: std_ext.GenerationStats | None = None
+    per_token_s: float = float("nan")  # decode-only, per token of a sequence
+    prefill_s: float = float("nan")
+    peak_bytes: int | None = None
+    note: str = ""
+
+
+class _PeakMemory:
+    """Peak allocated bytes over a block (CUDA only), from a fresh peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def run_std(model, input_ids, candidate_mask, settings: Settings, name: str, **kwargs) -> Run:
+    """``std_ext.generate`` with ``kwargs``; decode time = wall − prefill − selection."""
+    device = settings.device
+    with _PeakMemory(device) as memory:
+        sync(device)
+        began = time.perf_counter()
+        out = std_ext.generate(model, input_ids, candidate_mask=candidate_mask, max_new_tokens=settings.new_tokens,
+                               budget=settings.budget, eos_token_id=-1, **kwargs)
+        sync(device)
+        wall = time.perf_counter() - began
+    stats = out.stats
+    decode = wall - stats.prefill_s - stats.selection_s
+    tokens = out.sequences[:, input_ids.shape[1]:].tolist()
+    return Run(name, tokens, stats, decode / max(settings.new_tokens - 1, 1), stats.prefill_s, memory.peak)
+
+
+class _FirstLogits:
+    """A ``transformers`` logits processor that notes when the first logits arrive (prefill done)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def run_hf(model, input_ids, settings: Settings) -> Run:
+    """``transformers`` ``generate`` (greedy, SDPA): static cache, or the default cache if that fails.
+
+    Without ``torch.compile`` (which ``generate`` would otherwise switch on for a static
+    cache on a GPU, compiling inside the timed decode and again for every cache size):
+    std_ext's loop is not compiled either.
+    """
+    from transformers import LogitsProcessorList
+
+    errors = []
+    for cache in ("static", None):
+        clock = _FirstLogits(settings.device)
+        kwargs = dict(cache_implementation=cache) if cache else {}
+        kwargs["disable_compile"] = True
+        try:
+            with _PeakMemory(settings.device) as memory:
+                sync(settings.device)
+                began = time.perf_counter()
+                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                     max_new_tokens=settings.new_tokens, eos_token_id=None,
+                                     logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **kwargs)
+                sync(settings.device)
+                ended = time.perf_counter()
+        except Exception as error:  # report it and try the next cache; the benchmark goes on
+            errors.append(f"{cache or 'default'} cache: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+            if settings.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        run = Run("transformers", out[:, input_ids.shape[1]:].tolist(), None,
+                  (ended - clock.at) / max(settings.new_tokens - 1, 1), clock.at - began, memory.peak)
+        run.note = f"{cache or 'default'} cache, no torch.compile" + (f" (after {errors[0]})" if errors else "")
+        return run
+    return Run("transformers", note="failed: " + "; ".join(errors))
+
+
+@torch.no_grad()
+def top2_margin(model, prompt: torch.Tensor, prefix: list[int]) -> float:
+    """The dense model's top-2 logit gap for the token after ``prompt [T] + prefix`` (one forward)."""
+    ids = torch.cat([prompt, torch.tensor(prefix, dtype=torch.long, device=prompt.device)])[None]
+    top2 = model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[0, -1].float().topk(2).values
+    return float(top2[0] - top2[1])
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+@dataclass
+class Result:
+    """Everything measured for one (context, batch)."""
+
+    context: int
+    batch: int
+    runs: dict[str, Run]
+    steps: dict[str, float]  # seconds: vanilla, draft, verify
+    floors: dict[str, float]  # seconds at the copy bandwidth
+    agreement: float
+    best_gamma: int
+    kv_cache_bytes: float
+    exactness: dict[str, str]
+    divergences: list[str]
+
+
+def measure(model, settings: Settings, context: int, batch: int, bandwidth: float) -> Result:
+    """Every run of one configuration, then the figures derived from them."""
+    input_ids, candidates = make_prompts(settings, context, batch, model.config.vocab_size, settings.seed + context + batch)
+    runs = {"vanilla": run_std(model, input_ids, candidates, settings, "vanilla", mode="vanilla")}
+    runs["std"] = run_std(model, input_ids, candidates, settings, f"StD γ={settings.gamma}", gamma=settings.gamma)
+    vanilla, std = runs["vanilla"].stats, runs["std"].stats
+    steps = {"vanilla": vanilla.verify_s / max(vanilla.rounds, 1), "draft": std.draft_s / max(std.draft_steps, 1),
+             "verify": std.verify_s / max(std.rounds, 1)}
+    agreement = std.draft_agreement
+    best, _ = gm.best_gamma(agreement, steps["draft"], steps["verify"], steps["vanilla"], 12)
+    if best != settings.gamma:
+        runs["best"] = run_std(model, input_ids, candidates, settings, f"StD γ={best}", gamma=best)
+    runs["auto"] = run_std(model, input_ids, candidates, settings, "StD auto", gamma="auto", gamma_max=12)
+    if settings.hf:
+        runs["hf"] = run_hf(model, input_ids, settings)
+    element = torch.empty((), dtype=settings.dtype).element_size()
+    weights = weight_bytes(model)
+    mean_len = context + settings.new_tokens / 2  # cached tokens during decoding, on average
+    floors = {"vanilla": weights + kv_bytes(model.config, batch, mean_len, element),
+              "draft": weights + kv_bytes(model.config, batch, settings.budget + settings.new_tokens / 2, element),
+              "verify": weights + kv_bytes(model.config, batch, mean_len, element)}
+    floors = {name: nbytes / bandwidth for name, nbytes in floors.items()}
+    exactness, divergences = check_exactness(model, input_ids, runs, settings)
+    kv_cache = kv_bytes(model.config, batch, context + settings.new_tokens + 1, element)
+    return Result(context, batch, runs, steps, floors, agreement, best, kv_cache, exactness, divergences)
+
+
+def check_exactness(model, input_ids, runs: dict[str, Run], settings: Settings) -> tuple[dict[str, str], list[str]]:
+    """Identical sequences against vanilla per run; top-2 margins at StD's divergences."""
+    reference = runs["vanilla"].tokens
+    exactness, divergences, seen = {}, [], {}
+    for key, run in runs.items():
+        if key == "vanilla" or not run.tokens:
+            continue
+        same = sum(a == b for a, b in zip(run.tokens, reference))
+        exactness[key] = f"{same}/{len(reference)}"
+        if key == "hf":  # a different attention implementation: its divergences are not StD's
+            continue
+        for row, (expected, got) in enumerate(zip(reference, run.tokens)):
+            if expected == got:
+                continue
+            at = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
+            if (row, at) not in seen:
+                seen[(row, at)] = (top2_margin(model, input_ids[row], expected[:at])
+                                   if len(seen) < settings.max_margins else None)
+            margin = seen[(row, at)]
+            shown = "not computed" if margin is None else f"top-2 margin {margin:.4g}"
+            divergences.append(f"{run.name}: row {row}, token {at}: {shown}")
+    return exactness, divergences
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.2f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "-" if not (math.isfinite(a) and math.isfinite(b)) or b <= 0 else f"{a / b:.2f}"
+
+
+def _s(seconds: float) -> str:
+    return "-" if seconds is None or not math.isfinite(seconds) else f"{seconds:.3f}"
+
+
+def _gib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / GiB:.2f}"
+
+
+def speed_table(results: list[Result], gamma: int) -> str:
+    head = ("| context | batch | vanilla ms/tok | StD γ=%d ms/tok | speedup | best fixed γ | ms/tok | auto ms/tok | "
+            "auto / vanilla | auto / best fixed | auto γ (mean, dense rounds) | transformers ms/tok | "
+            "StD speedup over transformers | accepted / round | agreement |" % gamma)
+    lines = [head, "|" + "---|" * 15]
+    for r in results:
+        van, std, auto = r.runs["vanilla"], r.runs["std"], r.runs["auto"]
+        fixed = min((r.runs[k] for k in ("std", "best") if k in r.runs), key=lambda run: run.per_token_s)
+        hf = r.runs.get("hf", Run("transformers"))
+        gammas = auto.stats.gammas
+        auto_gamma = f"{sum(gammas) / max(len(gammas), 1):.1f}, {gammas.count(0)}/{len(gammas)}"
+        lines.append(
+            f"| {r.context} | {r.batch} | {_ms(van.per_token_s)} | {_ms(std.per_token_s)} | "
+            f"{_ratio(van.per_token_s, std.per_token_s)} | {fixed.name.split('=')[-1]} | {_ms(fixed.per_token_s)} | "
+            f"{_ms(auto.per_token_s)} | {_ratio(auto.per_token_s, van.per_token_s)} | "
+            f"{_ratio(auto.per_token_s, fixed.per_token_s)} | {auto_gamma} | {_ms(hf.per_token_s)} | "
+            f"{_ratio(hf.per_token_s, std.per_token_s)} | {std.stats.mean_accepted:.2f} | {r.agreement:.3f} |")
+    return "\n".join(lines)
+
+
+def step_table(results: list[Result]) -> str:
+    lines = ["| context | batch | vanilla step ms | × floor | draft step ms | × floor | verify step ms | × floor | "
+             "draft / vanilla | verify / vanilla |", "|" + "---|" * 10]
+    for r in results:
+        s, f = r.steps, r.floors
+        lines.append(f"| {r.context} | {r.batch} | {_ms(s['vanilla'])} | {_ratio(s['vanilla'], f['vanilla'])} | "
+                     f"{_ms(s['draft'])} | {_ratio(s['draft'], f['draft'])} | {_ms(s['verify'])} | "
+                     f"{_ratio(s['verify'], f['verify'])} | {_ratio(s['draft'], s['vanilla'])} | "
+                     f"{_ratio(s['verify'], s['vanilla'])} |")
+    return "\n".join(lines)
+
+
+def computed_table(results: list[Result]) -> str:
+    gammas = list(COMPUTED_GAMMAS)
+    lines = ["| context | batch | agreement | " + " | ".join(f"γ={g}" for g in gammas) + " | best γ (1-12) |",
+             "|" + "---|" * (4 + len(gammas))]
+    for r in results:
+        t = (r.steps["draft"], r.steps["verify"], r.steps["vanilla"])
+        for label, a in [(f"{a}", a) for a in AGREEMENTS] + [(f"measured {r.agreement:.3f}", r.agreement)]:
+            cells = " | ".join(f"{gm.round_speedup(a, g, *t):.2f}" for g in gammas)
+            best, speedup = gm.best_gamma(a, *t, 12)
+            lines.append(f"| {r.context} | {r.batch} | {label} | {cells} | {best} ({speedup:.2f}) |")
+    return "\n".join(lines)
+
+
+def memory_table(results: list[Result]) -> str:
+    lines = ["| context | batch | prefill s | selection s | transformers prefill s | peak vanilla GiB | peak StD GiB | "
+             "peak auto GiB | peak transformers GiB | StD adds MiB | KV cache GiB | StD adds / KV |",
+             "|" + "---|" * 12]
+    for r in results:
+        van, std, auto = r.runs["vanilla"], r.runs["std"], r.runs["auto"]
+        hf = r.runs.get("hf", Run("transformers"))
+        extra = None if std.peak_bytes is None else std.peak_bytes - van.peak_bytes
+        lines.append(
+            f"| {r.context} | {r.batch} | {_s(std.prefill_s)} | {_s(std.stats.selection_s)} | "
+            f"{_s(hf.prefill_s)} | {_gib(van.peak_bytes)} | {_gib(std.peak_bytes)} | {_gib(auto.peak_bytes)} | "
+            f"{_gib(hf.peak_bytes)} | {'-' if extra is None else f'{extra / MiB:.1f}'} | {_gib(r.kv_cache_bytes)} | "
+            f"{'-' if extra is None else f'{extra / r.kv_cache_bytes:.2%}'} |")
+    return "\n".join(lines)
+
+
+def exactness_table(results: list[Result], gamma: int) -> str:
+    lines = [f"| context | batch | StD γ={gamma} | StD best γ | StD auto | transformers | divergences |",
+             "|" + "---|" * 7]
+    for r in results:
+        e = r.exactness
+        shown = "; ".join(r.divergences) if r.divergences else "none"
+        lines.append(f"| {r.context} | {r.batch} | {e.get('std', '-')} | {e.get('best', 'same γ')} | "
+                     f"{e.get('auto', '-')} | {e.get('hf', '-')} | {shown} |")
+    return "\n".join(lines)
+
+
+def report(results: list[Result], skipped: list[str], settings: Settings, header: str) -> str:
+    notes = [r.runs["hf"].note for r in results if "hf" in r.runs and r.runs["hf"].note]
+    parts = [
+        header,
+        "## Decode speed (decode-only, per token of a sequence; measured)",
+        "`speedup` = vanilla / StD time per token. `best fixed γ`: the faster of γ = --gamma and the γ the "
+        "measured step times and agreement say is best. `agreement`: accepted over tried drafts (per token). "
+        f"Targets for auto: at most {AUTO_TARGETS[0]:.2f}× vanilla; at most {AUTO_TARGETS[1]:.2f}× the best fixed γ "
+        "where StD wins. `auto γ`: mean γ over its rounds, and how many rounds were dense steps.",
+        speed_table(results, settings.gamma),
+        "## Step times over their bandwidth floors (measured)",
+        "Floor = bytes a step must read / copy bandwidth: weights (without the input embedding) + the KV cache at "
+        "its mean decode length (vanilla, verify) or the keep set + generated tail (draft).",
+        step_table(results),
+        "## Speedup at draft agreement a (computed from the measured step times, not measured)",
+        "`(E[accepted] + 1) · t_vanilla / (γ · t_draft + t_verify)` with `E[accepted] = a (1 − a^γ) / (1 − a)`.",
+        computed_table(results),
+        "## Prefill, selection and memory (measured)",
+        "`StD adds` = peak of the StD γ run − peak of the vanilla run (each from a reset peak; the model's weights "
+        "are in both).",
+        memory_table(results),
+        "## Exactness (greedy, against vanilla decoding on the same model)",
+        "Identical sequences; at each divergence, the dense model's top-2 logit margin there (a near-tie flipped by "
+        f"rounding; at most {settings.max_margins} margins per configuration are computed, one prefill each).",
+        exactness_table(results, settings.gamma),
+    ]
+    if notes:
+        parts.append("transformers: " + "; ".join(sorted(set(notes))))
+    if skipped:
+        parts.append("## Skipped\n\n" + "\n".join(f"- {line}" for line in skipped))
+    return "\n\n".join(parts) + "\n"
+
+
+def header_line(model, settings: Settings, bandwidth: float) -> str:
+    import transformers
+
+    if settings.device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(settings.device)}, CUDA {torch.version.cuda}"
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
+    shape = "tiny Qwen2-shaped model (smoke test)" if settings.tiny else "Qwen2-7B-shaped model"
+    c = model.config
+    return (
+        f"# Sparse-to-Dense end to end: {shape}, random {str(settings.dtype).removeprefix('torch.')} weights\n\n"
+        f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, std_ext CUDA kernels: "
+        f"{'yes' if std_ext.cuda_kernels_built() else 'no'}. Model: {c.num_hidden_layers} layers, hidden "
+        f"{c.hidden_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, MLP {c.intermediate_size}, vocab "
+        f"{c.vocab_size}; weights read per step {weight_bytes(model) / GiB:.2f} GiB. Copy bandwidth "
+        f"{bandwidth / 1e9:.0f} GB/s (bf16 copy_, read + write). γ = {settings.gamma}, budget = {settings.budget}, "
+        f"{settings.new_tokens} new tokens per sequence (no EOS); prompt = text, a {settings.visual_share:.0%} visual "
+        f"span (the candidates), a {settings.question}-token question; selection \"question\"."
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def warm_up(model, settings: Settings) -> None:
+    """One short run of each engine path: lazy CUDA module loading and allocator growth stay out of the figures."""
+    short = Settings(**{**settings.__dict__, "new_tokens": 4, "question": 32, "visual_share": 0.9})
+    input_ids, candidates = make_prompts(short, 1024, 1, model.config.vocab_size, 0)
+    run_std(model, input_ids, candidates, short, "warm-up", mode="vanilla")
+    run_std(model, input_ids, candidates, short, "warm-up", gamma=settings.gamma)
+    if settings.hf:
+        run_hf(model, input_ids, short)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    parser.add_argument("--contexts", type=ints, default=None, help="prompt lengths (default 16384,65536,131072)")
+    parser.add_argument("--batches", type=ints, default=None, help="batch sizes (default 1,8)")
+    parser.add_argument("--gamma", type=int, default=None, help="fixed draft length (default 9)")
+    parser.add_argument("--budget", type=int, default=None, help="keep-set budget (default 1024)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 128)")
+    parser.add_argument("--question", type=int, default=64, help="question tokens after the visual span")
+    parser.add_argument("--visual-share", type=float, default=0.9, help="share of the prompt in the visual span")
+    parser.add_argument("--max-margins", type=int, default=4, help="top-2 margins computed per configuration")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda (the CPU only with --tiny)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; --tiny: 1, steadier on a shared machine)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and short contexts: a CPU smoke test")
+    parser.add_argument("--out", help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    tiny_defaults = dict(contexts=[1024, 2048], batches=[1, 2], gamma=4, budget=128, new_tokens=16, threads=1)
+    full_defaults = dict(contexts=[16384, 65536, 131072], batches=[1, 8], gamma=9, budget=1024, new_tokens=128)
+    for name, value in (tiny_defaults if args.tiny else full_defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if device.type == "cuda" and not (torch.cuda.is_available() and std_ext.cuda_kernels_built()):
+        print("bench/e2e.py needs a CUDA GPU and std_ext built with its CUDA kernels "
+              f"(torch.cuda.is_available() = {torch.cuda.is_available()}, std_ext.cuda_kernels_built() = "
+              f"{std_ext.cuda_kernels_built()}); without one, run the CPU smoke test: python bench/e2e.py --tiny",
+              file=sys.stderr)
+        return 2
+    if device.type == "cpu" and not args.tiny:
+        parser.error("the full benchmark runs on a GPU; on the CPU only --tiny")
+    settings = Settings(
+        contexts=args.contexts, batches=args.batches, gamma=args.gamma, budget=args.budget,
+        new_tokens=args.new_tokens, question=args.question, visual_share=args.visual_share,
+        max_margins=args.max_margins, hf=args.hf, seed=args.seed, tiny=args.tiny, device=device,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, shape=TINY if args.tiny else QWEN2_7B,
+    )
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        text = run_benchmark(settings)
+    finally:
+        torch.set_num_threads(threads)  # leave a calling process (pytest) as it was
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def run_benchmark(settings: Settings) -> str:
+    """Build the model, measure every configuration that fits; the markdown report."""
+    began = time.perf_counter()
+    device = settings.device
+    max_positions = max(settings.contexts) + settings.new_tokens + 64
+    model = build_model(settings.shape, max_positions, device, settings.dtype, settings.seed)
+    bandwidth = copy_bandwidth(device, GiB if device.type == "cuda" else 64 * MiB)
+    warm_up(model, settings)
+    results, skipped = [], []
+    for context in settings.contexts:
+        for batch in settings.batches:
+            result, why = measure_or_skip(model, settings, context, batch, bandwidth)
+            if result is not None:
+                results.append(result)
+                print(f"[e2e] context {context} batch {batch}: done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+            else:
+                skipped.append(why)
+                print(f"[e2e] context {context} batch {batch}: skipped: {why}", file=sys.stderr)
+    text = report(results, skipped, settings, header_line(model, settings, bandwidth))
+    return text + f"\n{time.perf_counter() - began:.0f} s in all.\n"
+
+
+def measure_or_skip(model, settings: Settings, context: int, batch: int, bandwidth: float):
+    """``(Result, None)``, or ``(None, why)`` for a configuration that does not fit in memory."""
+    name = f"context {context} × batch {batch}"
+    if settings.device.type == "cuda":
+        needed = estimate_peak_bytes(model, settings, context, batch)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(settings.device)
+        free += torch.cuda.memory_allocated(settings.device)  # the weights are in the estimate
+        if needed > free:
+            return None, (f"{name}: needs ~{needed / GiB:.0f} GiB (weights + KV cache + one prefill layer's "
+                          f"activations over the batch) > {free / GiB:.0f} GiB")
+    try:
+        return measure(model, settings, context, batch, bandwidth), None
+    except torch.cuda.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return None, f"{name}: out of memory ({str(error).splitlines()[0][:120]})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
