@@ -517,7 +517,19 @@ def test_llava_onevision_needs_its_processor(preprocess, argument, words, video,
         assert "LlavaOnevisionForConditionalGeneration has no built-in fallback" in err
 
 
-@pytest.mark.parametrize("option, value", [("--gamma", "0"), ("--max-new-tokens", "-1"), ("--budget", "x"),
+def test_gamma_auto(checkpoint, video, model, capsys):
+    """--gamma auto picks each round's γ; the answer is still the dense one."""
+    code, out, err = _run(_argv(checkpoint, video, "--preprocess", "builtin", "--gamma", "auto"), capsys)
+    assert code == 0, err
+    assert "gamma=auto, " in out
+    gammas = out.split("gamma per round  ")[1].splitlines()[0].split()
+    assert gammas and all(0 <= int(g) <= 12 for g in gammas)
+    code, dense_out, err = _run(_argv(checkpoint, video, "--preprocess", "builtin", "--gamma", "1"), capsys)
+    assert code == 0, err
+    assert _answer(out) == _answer(dense_out)
+
+
+@pytest.mark.parametrize("option, value", [("--gamma", "0"), ("--gamma", "fast"), ("--max-new-tokens", "-1"), ("--budget", "x"),
                                            ("--selection", "best"), ("--num-frames", "-2"), ("--device", "tpu")])
 def test_bad_option_values_are_argparse_errors(option, value, capsys):
     parser = argparse.ArgumentParser()

@@ -25,6 +25,19 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def gamma_choice(value: str) -> int | str:
+    """An argparse ``type`` for ``--gamma``: an integer >= 1, or ``auto`` (γ chosen per round)."""
+    if value == "auto":
+        return value
+    try:
+        return int_at_least(1)(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}") from None
+
+
+gamma_choice.__name__ = "integer >= 1 or 'auto'"
+
+
 class CliError(Exception):
     """A bad argument or input: reported as ``ARGUMENT: message`` with exit code 2, no traceback."""
 

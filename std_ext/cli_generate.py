@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ._cli import CliError, default_dtype, int_at_least, resolve_device
+from ._cli import CliError, default_dtype, gamma_choice, int_at_least, resolve_device
 from .frames import FrameLoadError, load_frames
 from .generate import GenerationOutput, GenerationStats
 from .models import SUPPORTED_MODELS
@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also decode with vanilla decoding; report the speedup and whether outputs match")
     parser.add_argument("--num-frames", type=int_at_least(0), default=32, metavar="N",
                         help="at most N frames, sampled uniformly; 0 = all (default: 32)")
-    parser.add_argument("--gamma", type=int_at_least(1), default=9, help="draft tokens per round (default: 9)")
+    parser.add_argument("--gamma", type=gamma_choice, default=9,
+                        help="draft tokens per round, or 'auto' to choose each round's from measured step "
+                             "times and draft agreement (default: 9)")
     parser.add_argument("--budget", type=int_at_least(0), default=1024,
                         help="kept prompt positions per KV head (default: 1024)")
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=128, metavar="N",
@@ -611,6 +613,8 @@ def _format_run(stats: GenerationStats, prompt: PromptInputs, frames: np.ndarray
         f"  rounds           {stats.rounds}",
         f"  mean accepted    {stats.mean_accepted:.2f} / {stats.gamma}",
     ]
+    if stats.gamma_auto:
+        lines.append(f"  gamma per round  {' '.join(map(str, stats.gammas))}")
     return "\n".join(lines + _phase_lines(stats))
 
 
