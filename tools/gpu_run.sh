@@ -10,8 +10,8 @@
 # Stages:
 #   build     pip install --no-build-isolation --no-deps . for the visible GPU (9.0a)
 #   test      every CUDA test (tests whose module or name mentions cuda, plus the
-#             cuda parametrizations of the shared op tests), then the value checks
-#             with STD_EXT_DEBUG=1
+#             cuda parametrizations of the shared op tests), the value checks with
+#             STD_EXT_DEBUG=1, and `python -m std_ext demo --video` on the GPU
 #   sanitize  compute-sanitizer memcheck on the CUDA tests (long-context cases left
 #             out: memcheck runs them ~50x slower) and racecheck on a small subset
 #   bench     the op benchmarks (bench/test_bench_ops_cuda.py) -> bench.json + table
@@ -68,6 +68,9 @@ run_tests() {
   (cd /tmp && STD_EXT_DEBUG=1 timeout 120 pytest "$REPO/python_tests/test_bad_input.py" -k cuda -q \
     -p no:cacheprovider >>"$OUT/tests.txt" 2>&1) || status=1
   tail -n 2 "$OUT/tests.txt"
+  log "test: the video demo on the GPU (bf16; exits 1 if StD and vanilla tokens differ)"
+  (cd /tmp && timeout 120 python -m std_ext demo --video --no-progress >>"$OUT/tests.txt" 2>&1) || status=1
+  tail -n 12 "$OUT/tests.txt"
 }
 
 sanitize() {
