@@ -38,6 +38,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cmath>
@@ -429,10 +430,18 @@ template <typename T, int kHeadDim, int kWarps, bool kSparse>
 cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int row_groups, cudaStream_t stream) {
   auto kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse>;
   constexpr int kSmem = smem_bytes<T, kHeadDim>();
-  // More than 48 KB of dynamic shared memory must be opted into (per device and kernel;
-  // the call is cheap and not a stream operation, so it is safe under graph capture).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  // More than 48 KB of dynamic shared memory must be opted into, per device and kernel.
+  // Once per device, so that a CUDA-graph capture sees only launches.
+  static std::atomic<uint64_t> opted_in_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const uint64_t device_bit = uint64_t{1} << (device & 63);
+  if (device >= 64 || (opted_in_devices.load() & device_bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    opted_in_devices.fetch_or(device_bit);
+  }
   const dim3 grid(p.num_splits, p.kv_heads * row_groups, p.batch);
   kernel<<<grid, kWarps * 32, kSmem, stream>>>(p);
   err = cudaGetLastError();
