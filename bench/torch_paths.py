@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch import Tensor
 
 __all__ = ["attention_scores_torch", "topk_indices_torch", "sparse_attention_torch", "dense_attention_torch"]
@@ -98,17 +99,31 @@ def dense_attention_torch(
     lens = kv_len.tolist()
     if batch == 1 or len(set(lens)) == 1:  # uniform length: one SDPA call for the whole batch
         length = lens[0]
-        mask = _bottom_right_causal(qn, length, q.device) if qn > 1 else None
+        mask = _verify_mask(qn, length, q.device)
         o = F.scaled_dot_product_attention(qt, k_cache[:, :, :length], v_cache[:, :, :length],
                                            attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(1, 2).contiguous()
     out = torch.empty(batch, qn, hq, d, dtype=q.dtype, device=q.device)
     for b, length in enumerate(lens):
-        mask = _bottom_right_causal(qn, length, q.device) if qn > 1 else None
+        mask = _verify_mask(qn, length, q.device)
         o = F.scaled_dot_product_attention(qt[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
                                            attn_mask=mask, scale=scale, enable_gqa=True)
         out[b] = o[0].transpose(0, 1)
     return out
+
+
+def _verify_mask(qn: int, length: int, device: torch.device):
+    """The bottom-right causal mask of Qn queries ending at position length - 1 (None for Qn = 1).
+
+    On CUDA as a ``causal_lower_right`` bias, which SDPA runs on its flash kernel with GQA
+    (a boolean mask would push it to a slower kernel); on CPU as a boolean mask (the same
+    math kernel either way).
+    """
+    if qn == 1:
+        return None
+    if device.type == "cuda":
+        return causal_lower_right(qn, length)
+    return _bottom_right_causal(qn, length, device)
 
 
 def _gather_rows(cache: Tensor, rows: Tensor) -> Tensor:
