@@ -271,6 +271,39 @@ def test_misaligned_views(gen):
     assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, 64**-0.5))
 
 
+def test_contiguous_cache_at_an_odd_offset(gen):
+    """A contiguous cache whose storage starts 2 bytes past a 16-byte boundary."""
+    B, H, S, D = 2, 2, 50, 128
+    buf = torch.randn(1 + 2 * B * H * S * D, generator=gen).to(torch.bfloat16).to(CUDA)
+    k = buf[1 : 1 + B * H * S * D].view(B, H, S, D)
+    v = buf[1 + B * H * S * D :].view(B, H, S, D)
+    assert k.is_contiguous() and k.data_ptr() % 16 != 0
+    q = make_q(B, 3, 8, D, torch.bfloat16, CUDA, gen)
+    kv = ints([50, 20], CUDA)
+    assert_attention_output(std_ext.ops.dense_attention(q, k, v, kv), q, dense_attention_ref(q, k, v, kv, D**-0.5))
+    idx, ts = make_indices([30, 10], H, 8, gen, CUDA), ints([30, 10], CUDA)
+    out = std_ext.ops.sparse_attention(q, k, v, idx, ts, kv)
+    assert_attention_output(out, q, sparse_attention_ref(q, k, v, idx, ts, kv, D**-0.5))
+
+
+def test_strided_integer_tensors(gen):
+    """kv_len / tail_start broadcast with stride 0 and indices strided in their last dim
+    mean the same as their contiguous copies."""
+    q, k, v = attention_inputs([40] * 4, 48, 2, 2, 4, 64, torch.float16, gen)
+    kv = ints([40], CUDA).expand(4)
+    ts = ints([30], CUDA).expand(4)
+    wide = torch.full((4, 2, 6, 2), -7, dtype=torch.int32, device=CUDA)
+    wide[..., 0] = make_indices([30] * 4, 2, 6, gen, CUDA)
+    idx = wide[..., 0]
+    assert kv.stride(0) == 0 and idx.stride(2) == 2
+    dense = std_ext.ops.dense_attention(q, k, v, kv)
+    assert torch.equal(dense, std_ext.ops.dense_attention(q, k, v, kv.contiguous()))
+    assert_attention_output(dense, q, dense_attention_ref(q, k, v, kv, 64**-0.5))
+    sparse = std_ext.ops.sparse_attention(q, k, v, idx, ts, kv)
+    assert torch.equal(sparse, std_ext.ops.sparse_attention(q, k, v, idx.contiguous(), ts.contiguous(), kv.contiguous()))
+    assert_attention_output(sparse, q, sparse_attention_ref(q, k, v, idx, ts, kv, 64**-0.5))
+
+
 def test_runs_on_the_current_stream(gen):
     q, k, v = attention_inputs([4000, 1200], 4096, 10, 2, 7, 128, torch.bfloat16, gen)
     kv = ints([4000, 1200], CUDA)

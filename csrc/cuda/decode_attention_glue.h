@@ -31,14 +31,15 @@ inline void check_int_range(const char* op, const char* what, int64_t value) {
 }
 
 // cp.async moves 16-byte chunks: each cache row must start on a 16-byte boundary. A view
-// that breaks this (an odd offset or stride) is copied once into a contiguous cache;
-// correct, and only as slow as that copy.
+// that breaks this (an odd offset or stride) is copied into a fresh, aligned cache;
+// correct, and only as slow as that copy. (clone, not contiguous(): a contiguous tensor
+// at an odd offset would come back unchanged.)
 inline at::Tensor with_aligned_rows(const at::Tensor& cache) {
   const int64_t elems_per_chunk = 16 / cache.element_size();
   const bool aligned = reinterpret_cast<uintptr_t>(cache.const_data_ptr()) % 16 == 0 &&
                        cache.stride(0) % elems_per_chunk == 0 && cache.stride(1) % elems_per_chunk == 0 &&
                        cache.stride(2) % elems_per_chunk == 0;
-  return aligned ? cache : cache.contiguous();
+  return aligned ? cache : cache.clone(at::MemoryFormat::Contiguous);
 }
 
 inline bool rows_aligned16(const at::Tensor& q) {
@@ -53,13 +54,6 @@ inline int sm_count(const at::Tensor& like) {
   return count;
 }
 
-// Programmatic dependent launch (a kernel starting while its predecessor drains) needs sm_90.
-inline bool supports_dependent_launch(const at::Tensor& like) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, like.device().index()));
-  return major >= 9;
-}
-
 // Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start) under
 // `plan`, writing a fresh contiguous [B, Qn, H_q, D] output. Each op's file instantiates
 // only its own variant (kSparse), which halves its build time.
@@ -70,10 +64,19 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
                                        const AttentionDims& dims, const kernels::DecodeSplitPlan& plan) {
   check_int_range(op, "the cache capacity", dims.capacity);
   check_int_range(op, "Qn x H_q", dims.q_len * dims.q_heads);
+  // Grid: (splits, KV heads x row groups of 128 query rows, batch).
+  const int64_t row_groups = (dims.q_len * dims.group + 127) / 128;
+  TORCH_CHECK(dims.batch <= 65535 && dims.kv_heads * row_groups <= 65535, "std::", op,
+              ": the CUDA kernel takes at most 65535 sequences and 65535 x 128 query rows (Qn x H_q) ",
+              "per call, got B = ", dims.batch, ", Qn = ", dims.q_len, ", H_q = ", dims.q_heads);
   at::Tensor out = at::empty({dims.batch, dims.q_len, dims.q_heads, dims.head_dim}, q.options());
   if (out.numel() == 0) return out;
   const at::Tensor k = with_aligned_rows(k_cache);
   const at::Tensor v = with_aligned_rows(v_cache);
+  // The kernel reads the integer tensors as dense arrays (any layout is accepted).
+  const at::Tensor lens = kv_len.contiguous();
+  const at::Tensor starts = kSparse ? tail_start->contiguous() : at::Tensor();
+  const at::Tensor keep = kSparse ? indices->contiguous() : at::Tensor();
 
   kernels::DecodeAttentionParams p{};
   p.q = q.const_data_ptr();
@@ -89,13 +92,13 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   p.v_stride_b = v.stride(0);
   p.v_stride_h = v.stride(1);
   p.v_stride_s = v.stride(2);
-  p.kv_len = kv_len.const_data_ptr<int32_t>();
+  p.kv_len = lens.const_data_ptr<int32_t>();
   if constexpr (kSparse) {
-    p.tail_start = tail_start->const_data_ptr<int32_t>();
-    p.indices = indices->const_data_ptr<int32_t>();
-    p.indices_stride_b = indices->stride(0);
-    p.indices_stride_h = indices->stride(1);
-    p.num_indices = static_cast<int>(indices->size(2));
+    p.tail_start = starts.const_data_ptr<int32_t>();
+    p.indices = keep.const_data_ptr<int32_t>();
+    p.indices_stride_b = keep.stride(0);
+    p.indices_stride_h = keep.stride(1);
+    p.num_indices = static_cast<int>(keep.size(2));
   }
   p.out = out.mutable_data_ptr();
   p.batch = static_cast<int>(dims.batch);
@@ -107,7 +110,6 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   p.num_splits = plan.num_splits;
   p.split_len = plan.split_len;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.overlap_merge = supports_dependent_launch(q);
 
   at::Tensor partial_out, partial_lse;
   const int64_t partial_rows = kernels::decode_partial_rows(p);

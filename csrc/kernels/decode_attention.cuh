@@ -64,7 +64,6 @@ struct DecodeAttentionParams {
   int batch, q_len, q_heads, kv_heads, group, capacity;
   int num_splits, split_len;
   float scale_log2;  // scale * log2(e): softmax runs on exp2
-  bool overlap_merge;  // launch the merge as a programmatic dependent launch (sm_90+)
 };
 
 // How a list is cut: split_len entries per split (a multiple of the tile), num_splits >= 1.
@@ -426,6 +425,25 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const float* __restri
   }
 }
 
+// Whether the merge kernel's code on the current device was compiled for sm_90+ (PTX
+// >= 9.0), i.e. contains the griddepcontrol.wait that makes a dependent launch safe (sm_80
+// code JIT-run on a Hopper GPU does not). Asked once per device.
+template <typename T, int kHeadDim>
+bool merge_compiled_for_sm90() {
+  static std::atomic<uint64_t> asked{0}, answer{0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  const uint64_t bit = uint64_t{1} << device;
+  if ((asked.load() & bit) == 0) {
+    cudaFuncAttributes attributes{};
+    const bool yes = cudaFuncGetAttributes(&attributes, merge_splits_kernel<T, kHeadDim>) == cudaSuccess &&
+                     attributes.ptxVersion >= 90;
+    if (yes) answer.fetch_or(bit);
+    asked.fetch_or(bit);
+  }
+  return (answer.load() & bit) != 0;
+}
+
 template <typename T, int kHeadDim, int kWarps, bool kSparse>
 cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int row_groups, cudaStream_t stream) {
   auto kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse>;
@@ -449,16 +467,19 @@ cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int 
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.q_heads;
   // The merge is tiny and latency-bound; on sm_90 its launch overlaps the attention
   // kernel's tail (programmatic dependent launch) instead of waiting for it to finish.
+  // Only where the merge kernel was compiled for sm_90+ (PTX >= 9.0), i.e. contains the
+  // griddepcontrol.wait that makes this safe: sm_80 code JIT-run on a Hopper GPU does not.
+  const bool merge_waits_on_grid = merge_compiled_for_sm90<T, kHeadDim>();
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>((rows + 3) / 4));
   config.blockDim = dim3(128);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
-  cudaLaunchAttribute overlap[1];
-  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = overlap;
-  config.numAttrs = p.overlap_merge ? 1 : 0;
+  cudaLaunchAttribute dependent_launch[1];
+  dependent_launch[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent_launch[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = dependent_launch;
+  config.numAttrs = merge_waits_on_grid ? 1 : 0;
   return cudaLaunchKernelEx(&config, merge_splits_kernel<T, kHeadDim>, static_cast<const float*>(p.partial_out),
                             static_cast<const float*>(p.partial_lse), static_cast<T*>(p.out), rows, p.num_splits);
 }
