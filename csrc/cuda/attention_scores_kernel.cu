@@ -17,22 +17,6 @@ namespace {
 
 constexpr const char* kOp = "attention_scores";
 
-// cp.async moves 16-byte chunks: every row (the last dim) must start 16-byte aligned.
-// A size-1 dim's stride never enters an address.
-bool rows_16_byte_aligned(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
-  const int64_t elements_per_16_bytes = 16 / static_cast<int64_t>(t.element_size());
-  for (int64_t d = 0; d < t.dim() - 1; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % elements_per_16_bytes != 0) return false;
-  }
-  return true;
-}
-
-// Misaligned views (rare: e.g. q sliced at an odd offset in its last dim) are copied.
-at::Tensor with_aligned_rows(const at::Tensor& t) {
-  return rows_16_byte_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
 template <typename Element>
 void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& q_pos, float scale,
             const AttentionDims& dims, at::Tensor& out) {
@@ -43,9 +27,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& q_
   shape.q_len = static_cast<int>(dims.q_len);
   shape.capacity = static_cast<int>(dims.capacity);
 
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.device().index()));
-  const kernels::AttentionScoresPlan plan = kernels::plan_attention_scores(shape, sm_count);
+  const kernels::AttentionScoresPlan plan = kernels::plan_attention_scores(shape, cuda::sm_count(q));
   // Scratch from the caching allocator on the current stream: no cudaMalloc, no host
   // sync (graph-capturable). Every byte the kernels read they write first.
   at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, q.options().dtype(at::kByte));
@@ -76,10 +58,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& q_
 at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& q_pos,
                                  double scale) {
   const AttentionDims dims = check_attention_scores_args(q, k_cache, q_pos);
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "std::", kOp,
-              ": the CUDA kernel supports q and k_cache of dtype float16 or bfloat16, got q of dtype ", dtype,
-              " (float32 runs on the CPU kernel only)");
+  cuda::check_half_dtype(kOp, q);
   cuda::check_head_dim(kOp, dims.head_dim);
   // Key and row indices are int inside the kernels; blocks of 128 keys must not overflow.
   constexpr int64_t kIntLimit = std::numeric_limits<int32_t>::max() / 2;
@@ -101,10 +80,10 @@ at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     return at::zeros({dims.batch, dims.kv_heads, dims.capacity}, out_options);  // no query: all 0
   }
   at::Tensor out = at::empty({dims.batch, dims.kv_heads, dims.capacity}, out_options);
-  const at::Tensor q_rows = with_aligned_rows(q);
-  const at::Tensor k_rows = with_aligned_rows(k_cache);
+  const at::Tensor q_rows = cuda::with_aligned_rows(q);
+  const at::Tensor k_rows = cuda::with_aligned_rows(k_cache);
   const float scale_f = static_cast<float>(scale);
-  if (dtype == at::kBFloat16) {
+  if (q.scalar_type() == at::kBFloat16) {
     launch<__nv_bfloat16>(q_rows, k_rows, q_pos, scale_f, dims, out);
   } else {
     launch<__half>(q_rows, k_rows, q_pos, scale_f, dims, out);

@@ -1,6 +1,6 @@
 // Glue shared by csrc/cuda/dense_attention_kernel.cu and sparse_attention_kernel.cu: the
-// CUDA-only argument checks, the cache layout the kernel's 16-byte copies need, and the
-// translation of tensors into kernels::DecodeAttentionParams.
+// translation of tensors into kernels::DecodeAttentionParams (caches 16-byte aligned,
+// integer tensors dense) and the launch.
 #pragma once
 
 #include "cuda/cuda_glue.h"
@@ -18,40 +18,8 @@
 
 namespace std_ext::cuda {
 
-// The decode kernels run on tensor cores: fp16 and bf16 only.
-inline void check_half_dtype(const char* op, const at::Tensor& q) {
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "std::", op,
-              ": the CUDA kernel supports float16 and bfloat16, got q of dtype ", dtype,
-              " (the CPU kernel also accepts float32)");
-}
-
 inline void check_int_range(const char* op, const char* what, int64_t value) {
   TORCH_CHECK(value <= INT_MAX, "std::", op, ": ", what, " = ", value, " exceeds the CUDA kernel's int32 range");
-}
-
-// cp.async moves 16-byte chunks: each cache row must start on a 16-byte boundary. A view
-// that breaks this (an odd offset or stride) is copied into a fresh, aligned cache;
-// correct, and only as slow as that copy. (clone, not contiguous(): a contiguous tensor
-// at an odd offset would come back unchanged.)
-inline at::Tensor with_aligned_rows(const at::Tensor& cache) {
-  const int64_t elems_per_chunk = 16 / cache.element_size();
-  const bool aligned = reinterpret_cast<uintptr_t>(cache.const_data_ptr()) % 16 == 0 &&
-                       cache.stride(0) % elems_per_chunk == 0 && cache.stride(1) % elems_per_chunk == 0 &&
-                       cache.stride(2) % elems_per_chunk == 0;
-  return aligned ? cache : cache.clone(at::MemoryFormat::Contiguous);
-}
-
-inline bool rows_aligned16(const at::Tensor& q) {
-  const int64_t elems_per_chunk = 16 / q.element_size();
-  return reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 && q.stride(0) % elems_per_chunk == 0 &&
-         q.stride(1) % elems_per_chunk == 0 && q.stride(2) % elems_per_chunk == 0;
-}
-
-inline int sm_count(const at::Tensor& like) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, like.device().index()));
-  return count;
 }
 
 // Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start) under
@@ -83,7 +51,7 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   p.q_stride_b = q.stride(0);
   p.q_stride_i = q.stride(1);
   p.q_stride_h = q.stride(2);
-  p.q_aligned16 = rows_aligned16(q);
+  p.q_aligned16 = rows_16_byte_aligned(q);
   p.k = k.const_data_ptr();
   p.k_stride_b = k.stride(0);
   p.k_stride_h = k.stride(1);

@@ -26,9 +26,7 @@ at::Tensor topk_indices_cuda(const at::Tensor& scores, const at::Tensor& candida
   if (out.numel() == 0) return out;
   const at::Tensor mask = candidates.contiguous();
 
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, scores.device().index()));
-  const kernels::TopkIndicesPlan plan = kernels::plan_topk_indices(batch * heads, length, sm_count);
+  const kernels::TopkIndicesPlan plan = kernels::plan_topk_indices(batch * heads, length, cuda::sm_count(scores));
   // Scratch comes from the caching allocator on the current stream: no cudaMalloc, no
   // host sync, so the op can be captured in a CUDA graph. The launcher clears it itself.
   at::Tensor workspace;
