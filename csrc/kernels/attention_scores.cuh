@@ -59,7 +59,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -130,6 +129,7 @@ using mma::cp_async_commit;
 using mma::cp_async_wait;
 using mma::ldmatrix_x4;
 using mma::smem_address;
+using mma::allow_dynamic_smem;
 
 // 2^x; ex2.approx(-inf) = +0, which the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -181,6 +181,38 @@ __device__ __forceinline__ void load_stationary_fragments(uint32_t tile, int war
                   a[i][ks][3]);
     }
   }
+}
+
+// The pipeline both passes run: a stationary tile (issued with streamed tile 0) against
+// n_tiles streamed tiles, kStages - 1 of them in flight. begin_stream issues the first
+// ones, one commit group each; run_stream loads this warp's stationary fragments once
+// they land, then for each tile waits for it, issues tile + kStages - 1 into the stage
+// the previous tile freed, and hands it to consume(fragments, tile, stage).
+template <typename Issue>
+__device__ __forceinline__ void begin_stream(int n_tiles, Issue& issue) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) issue(s, s);
+    cp_async_commit();
+  }
+}
+
+template <int kHeadDim, typename Issue, typename Consume>
+__device__ __forceinline__ void run_stream(uint32_t stationary_tile, int warp, int lane, int n_tiles, Issue& issue,
+                                           Consume& consume) {
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
+  StationaryFragments<kHeadDim> a;
+  load_stationary_fragments<kHeadDim>(stationary_tile, warp, lane, a);
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile landed for every thread; every warp is done with tile - 1's stage
+    const int next = tile + kStages - 1;
+    if (next < n_tiles) issue(next, next % kStages);
+    cp_async_commit();
+    consume(a, tile, tile % kStages);
+  }
+  cp_async_wait<0>();
 }
 
 // acc[i][n] = the 16 x 8 block (stationary rows i*16.., streamed rows n*8..) of this warp's
@@ -414,11 +446,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const ScoresPara
     const Element* src = key < p.capacity ? k_head + key * p.k_stride_s : nullptr;
     load_row_half<kHeadDim>(stream_tiles + stage * Shape::kStreamBytes, tid >> 1, src, p.k_cache);
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) issue_keys(s, s);
-    cp_async_commit();
-  }
+  begin_stream(n_tiles, issue_keys);
 
   // This thread's rows: (i, half) -> warp*32 + i*16 + g + 8*half.
   const int g = lane >> 2;
@@ -443,30 +471,19 @@ __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const ScoresPara
 #pragma unroll
     for (int half = 0; half < 2; ++half) row_max[i][half] = neg_inf(), row_sum[i][half] = 0.f;
 
-  cp_async_wait<kStages - 2>();
-  __syncthreads();
-  StationaryFragments<kHeadDim> a;
-  load_stationary_fragments<kHeadDim>(stationary_tile, warp, lane, a);
-
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile landed for every thread; every warp is done with tile - 1's stage
-    const int next = tile + kStages - 1;
-    if (next < n_tiles) issue_keys(next, next % kStages);
-    cp_async_commit();
-
+  auto update_rows = [&](const StationaryFragments<kHeadDim>& a, int tile, int stage) {
     const int tile_key0 = key_begin + tile * kKeyTile;
-    if (tile_key0 > warp_hi) continue;  // warp-uniform: no row of this warp sees these keys
+    if (tile_key0 > warp_hi) return;  // warp-uniform: no row of this warp sees these keys
     float acc[2][8][4];
-    warp_logits<Element, kHeadDim>(a, stream_tiles + (tile % kStages) * Shape::kStreamBytes, lane, acc);
+    warp_logits<Element, kHeadDim>(a, stream_tiles + stage * Shape::kStreamBytes, lane, acc);
     const int key0 = tile_key0 + 2 * t4;
     if (tile_key0 + kKeyTile - 1 > warp_lo) {
       online_softmax_update<true>(acc, p.scale_log2, key0, pos, row_max, row_sum);
     } else {
       online_softmax_update<false>(acc, p.scale_log2, key0, pos, row_max, row_sum);
     }
-  }
-  cp_async_wait<0>();
+  };
+  run_stream<kHeadDim>(stationary_tile, warp, lane, n_tiles, issue_keys, update_rows);
 
   // The 4 lanes of a quad hold disjoint keys of the same rows.
 #pragma unroll
@@ -622,33 +639,17 @@ __global__ void __launch_bounds__(kThreads, 2) column_scores_kernel(const Scores
       cp_async_8(stage_meta + kMetaRangeOffset, ranges + tile);
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) issue_rows(s, s);
-    cp_async_commit();
-  }
+  begin_stream(n_tiles, issue_rows);
 
   const int g = lane >> 2;
   const int t4 = lane & 3;
   const int warp_key0 = key_block0 + warp * kWarpRows;
   float column[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  cp_async_wait<kStages - 2>();
-  __syncthreads();
-  StationaryFragments<kHeadDim> a;
-  load_stationary_fragments<kHeadDim>(stationary_tile, warp, lane, a);
-
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile landed for every thread; every warp is done with tile - 1's stage
-    const int next = tile + kStages - 1;
-    if (next < n_tiles) issue_rows(next, next % kStages);
-    cp_async_commit();
-
-    const int stage = tile % kStages;
+  auto accumulate = [&](const StationaryFragments<kHeadDim>& a, int tile, int stage) {
     const unsigned char* stage_meta = meta + stage * kMetaBytes;
     const int2 range = *reinterpret_cast<const int2*>(stage_meta + kMetaRangeOffset);
-    if (warp_key0 > range.y) continue;  // warp-uniform: no row of the tile sees these keys
+    if (warp_key0 > range.y) return;  // warp-uniform: no row of the tile sees these keys
     float acc[2][8][4];
     warp_logits<Element, kHeadDim>(a, stream_tiles + stage * Shape::kStreamBytes, lane, acc);
     const float* tile_lse = reinterpret_cast<const float*>(stage_meta + kMetaLseOffset);
@@ -658,8 +659,8 @@ __global__ void __launch_bounds__(kThreads, 2) column_scores_kernel(const Scores
     } else {
       accumulate_columns<false>(acc, p.scale_log2, tile_lse, tile_pos, warp_key0 + g, t4, column);
     }
-  }
-  cp_async_wait<0>();
+  };
+  run_stream<kHeadDim>(stationary_tile, warp, lane, n_tiles, issue_rows, accumulate);
 
   // The 4 lanes of a quad hold disjoint rows of the same keys; the fixed shuffle order
   // keeps the result deterministic.
@@ -674,22 +675,6 @@ __global__ void __launch_bounds__(kThreads, 2) column_scores_kernel(const Scores
       const int key = warp_key0 + i * 16 + half * 8 + g;
       if (t4 == 0 && key < p.capacity) out[key] = sum * norm;
     }
-}
-
-// Opts kKernel into kBytes of dynamic shared memory (past the default 48 KB) once per
-// device, so that calls after the first (e.g. under CUDA-graph capture) make no runtime
-// call besides the launches.
-template <auto kKernel, int kBytes>
-cudaError_t allow_dynamic_smem() {
-  static std::atomic<uint64_t> configured_devices{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (configured_devices.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
-  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-  if (err == cudaSuccess) configured_devices.fetch_or(bit, std::memory_order_relaxed);
-  return err;
 }
 
 }  // namespace scores_detail

@@ -446,20 +446,10 @@ bool merge_compiled_for_sm90() {
 
 template <typename T, int kHeadDim, int kWarps, bool kSparse>
 cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int row_groups, cudaStream_t stream) {
-  auto kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse>;
+  constexpr auto kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse>;
   constexpr int kSmem = smem_bytes<T, kHeadDim>();
-  // More than 48 KB of dynamic shared memory must be opted into, per device and kernel.
-  // Once per device, so that a CUDA-graph capture sees only launches.
-  static std::atomic<uint64_t> opted_in_devices{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  cudaError_t err = mma::allow_dynamic_smem<kernel, kSmem>();
   if (err != cudaSuccess) return err;
-  const uint64_t device_bit = uint64_t{1} << (device & 63);
-  if (device >= 64 || (opted_in_devices.load() & device_bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    opted_in_devices.fetch_or(device_bit);
-  }
   const dim3 grid(p.num_splits, p.kv_heads * row_groups, p.batch);
   kernel<<<grid, kWarps * 32, kSmem, stream>>>(p);
   err = cudaGetLastError();

@@ -1,6 +1,6 @@
-// Thin wrappers over the PTX the decode-attention kernels are built from: tensor-core
-// mma.sync (m16n8k16, fp32 accumulate), ldmatrix, cp.async, and the 16-bit element
-// types they take. Torch-free; every function is a device function.
+// What the tensor-core kernels share: thin wrappers over the PTX they are built from
+// (mma.sync m16n8k16 with fp32 accumulate, ldmatrix, cp.async), the 16-bit element types
+// they take, and the host-side shared-memory opt-in. Torch-free.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
 //   A (16x16, row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -10,7 +10,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace std_ext::kernels::mma {
@@ -107,6 +109,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Opts kKernel into kBytes of dynamic shared memory (past the default 48 KB) once per
+// device, so that calls after the first (e.g. under CUDA-graph capture) make no runtime
+// call besides the launches.
+template <auto kKernel, int kBytes>
+cudaError_t allow_dynamic_smem() {
+  static std::atomic<uint64_t> configured_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (configured_devices.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (err == cudaSuccess) configured_devices.fetch_or(bit, std::memory_order_relaxed);
+  return err;
 }
 
 }  // namespace std_ext::kernels::mma
