@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_raises_naming
+from conftest import assert_raises_naming, work_dtype
 
 B, QN, HQ, HKV, S, D = 2, 3, 4, 2, 16, 64
 INT_ARGS = {
@@ -27,7 +27,7 @@ def valid_args(op, device):
     if op == "topk_indices":
         scores = torch.randn(B, 3, S, generator=g)
         return {"scores": scores.to(device), "candidates": (torch.rand(B, S, generator=g) < 0.5).to(device), "k": 4}
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # CUDA kernels: fp16/bf16
+    dtype = work_dtype(device)
     q = torch.randn(B, QN, HQ, D, generator=g).to(device, dtype)
     k, v = (torch.randn(B, HKV, S, D, generator=g).to(device, dtype) for _ in range(2))
     ints = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
