@@ -60,6 +60,8 @@ except ImportError:  # not installed: the source tree's (built in place), as `py
     import std_ext
 from std_ext import gamma as gm  # noqa: E402
 
+from device_rates import copy_bandwidth  # noqa: E402  (bench/, this script's folder)
+
 GiB, MiB = 2**30, 2**20
 
 QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -165,28 +167,6 @@ def make_prompts(settings: Settings, context: int, batch: int, vocab: int, seed:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting the read and the write."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    repeats = 10
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1000.0
-    else:
-        began = time.perf_counter()
-        for _ in range(repeats):
-            dst.copy_(src)
-        seconds = time.perf_counter() - began
-    return 2 * nbytes * repeats / seconds
 
 
 # --------------------------------------------------------------------------- byte counts

@@ -77,6 +77,7 @@ import torch
 
 import gpu_report
 import std_ext
+from device_rates import copy_bandwidth
 from torch_paths import (attention_scores_torch, dense_attention_torch, sparse_attention_torch,
                          topk_indices_torch)
 
@@ -222,10 +223,7 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def _copy_bandwidth_GBps() -> float:
-    src = torch.ones(1 << 29, dtype=DTYPE, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    t = _best_of(lambda: dst.copy_(src), REF_REPEATS)
-    return 2 * src.numel() * src.element_size() / t / 1e9  # read + write bytes
+    return copy_bandwidth(torch.device("cuda"), 1 << 30, REF_REPEATS) / 1e9  # 1 GiB, read + write bytes
 
 
 def _matmul_TFLOPs() -> float:
