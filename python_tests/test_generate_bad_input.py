@@ -38,7 +38,7 @@ def inputs(model):
 )
 def test_bad_parameters(model, inputs, kwargs, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
-        std_ext.generate(model, **inputs, **kwargs)
+        std_ext.generate(model, **inputs, **{"max_new_tokens": 4, **kwargs})
 
 
 def test_bad_inputs(model, inputs):
@@ -48,13 +48,15 @@ def test_bad_inputs(model, inputs):
     with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
         std_ext.generate(model, ids.float())
     with pytest.raises(ValueError, match="attention_mask .* must match input_ids"):
-        std_ext.generate(model, ids, mask[:, 1:])
+        std_ext.generate(model, ids, mask[:, 1:], max_new_tokens=2)
     right_padded = mask.clone()
     right_padded[0, -3:] = 0
     with pytest.raises(ValueError, match="only left padding"):
         std_ext.generate(model, ids, right_padded)
     with pytest.raises(ValueError, match="only 0 and 1"):
         std_ext.generate(model, ids, mask * 2)
+    with pytest.raises(ValueError, match="only 0 and 1"):  # not cast to 0 first (a padding token)
+        std_ext.generate(model, ids, mask * 0.5, max_new_tokens=2)
     with pytest.raises(ValueError, match="candidate_mask must be bool"):
         std_ext.generate(model, ids, mask, candidate_mask=mask)
     with pytest.raises(ValueError, match="candidate_mask must be bool"):
@@ -63,20 +65,11 @@ def test_bad_inputs(model, inputs):
         std_ext.generate(model, ids.to("meta"))
 
 
-def test_unsupported_model_names_the_supported_ones():
+def test_model_without_decoder_layers_is_refused_by_what_it_is():
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32)
     gpt2 = transformers.GPT2LMHeadModel(config).eval()
-    with pytest.raises(TypeError, match="GPT2LMHeadModel is not supported; supported models are Qwen2ForCausalLM"):
-        std_ext.generate(gpt2, torch.zeros(1, 4, dtype=torch.long))
-
-
-def test_sliding_window_models_are_refused():
-    config = transformers.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
-                                      sliding_window=8, max_window_layers=0)
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="non-full attention layers"):
-        std_ext.generate(model, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(std_ext.UnsupportedModelError, match="cannot find the text decoder layers of GPT2LMHeadModel"):
+        std_ext.generate(gpt2, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
 
 
 def test_attention_outside_generate_is_an_error(model, inputs):
@@ -104,5 +97,5 @@ def test_missing_kernels_are_named(model, inputs, monkeypatch):
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
                         lambda op, key: op != "std::sparse_attention" and has_kernel(op, key))
     with pytest.raises(RuntimeError, match="no CPU kernel for std::sparse_attention"):
-        std_ext.generate(model, **inputs)
+        std_ext.generate(model, **inputs, max_new_tokens=2)
     std_ext.generate(model, **inputs, mode="vanilla", max_new_tokens=1)  # vanilla needs only dense_attention

@@ -17,6 +17,7 @@ except ImportError as error:  # pragma: no cover - depends on how std_ext was in
         "Python runs from the repository root."
     ) from error
 from .generate import GenerationOutput, GenerationStats, generate
+from .models import UnsupportedModelError
 from .ops import attention_scores, dense_attention, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "generate",
     "GenerationOutput",
     "GenerationStats",
+    "UnsupportedModelError",
 ]
 
 

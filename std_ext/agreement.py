@@ -36,15 +36,16 @@ from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
 from .generate import (
     GenerationStats,
+    _check_input_ids,
     _check_inputs,
     _Decoder,
     _keep_plan,
     _PhaseTimer,
     _prefill,
     _select,
-    _special_ids,
     _Warp,
 )
+from . import generation_args
 from .models import ModelAdapter
 from .selection import keep_indices, make_policy, ragged_topk
 
@@ -112,8 +113,17 @@ def measure_agreement(
     budgets, gammas = sorted(set(budgets)), sorted(set(gammas))
     _check_grid(budgets, gammas, policies, max_new_tokens)
     adapter = ModelAdapter.for_model(model)
+    _check_input_ids(input_ids, model)
+    explicit = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    if eos_token_id is not None:
+        explicit["eos_token_id"] = eos_token_id
+    args = generation_args.resolve(model, adapter.forward_inputs, input_ids.shape[1], None, explicit, model_inputs)
+    eos_ids, pad_id, model_inputs = args.eos_ids, args.pad_id, args.model_inputs
+    if attention_mask is None:
+        attention_mask = generation_args.infer_attention_mask(input_ids, pad_id, eos_ids)
     input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
-    eos_ids, pad_id = _special_ids(model, eos_token_id, None)
+    adapter.check_rope_inputs(model_inputs)
+    adapter.check_length(input_ids.shape[1] + max_new_tokens)
     if candidate_mask is None:
         candidate_mask = adapter.visual_mask(input_ids)
     candidate_mask = candidate_mask & attention_mask.bool()

@@ -75,6 +75,7 @@ def std_ext_attention(
             "std_ext attention was called without std_ext_step: the 'std_ext' attention implementation "
             "only works inside std_ext.generate."
         )
+    _refuse_unreproduced_kwargs(module, kwargs, step)
     layer = module.layer_idx
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     step.scale = scale
@@ -91,6 +92,21 @@ def std_ext_attention(
         return ops.dense_attention(q, k_cache, v_cache, step.kv_len, scale), None
     keep = step.cache.keep
     return ops.sparse_attention(q, k_cache, v_cache, keep.indices[layer], keep.tail_start, step.kv_len, scale), None
+
+
+def _refuse_unreproduced_kwargs(module: torch.nn.Module, kwargs: dict, step: ForwardStep) -> None:
+    """A backstop for what :class:`~std_ext.models.ModelAdapter` refuses up front: a layer that
+    asks for an attention variant std_ext does not compute fails here, never silently."""
+    name = type(module).__name__
+    window = kwargs.get("sliding_window")
+    if window is not None and int(window) <= step.cache.span:
+        raise ValueError(f"std_ext attention: {name} asks for sliding-window attention ({window} tokens, shorter than "
+                         f"the {step.cache.span} positions of this generation); std_ext attends to every position")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"std_ext attention: {name} asks for attention logit soft-capping, which std_ext does not "
+                         "compute")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"std_ext attention: {name} asks for attention sinks (s_aux), which std_ext does not compute")
 
 
 PREFILL_QUERY_CHUNK = 1024

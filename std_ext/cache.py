@@ -45,12 +45,16 @@ class StaticCache:
         Slot ``capacity`` is the write sink for padding tokens and is never read.
     capacity : int
         Positions available to each sequence.
+    span : int
+        Positions a generation can emit from (prompt width + max_new_tokens; the rest of
+        the capacity holds draft and verify slots past the end): what a window must cover.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     capacity: int
     keep: KeepSets | None = field(default=None)
+    span: int = 0
 
     @classmethod
     def allocate(
@@ -62,12 +66,14 @@ class StaticCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
+        span: int | None = None,
     ) -> StaticCache:
         shape = (num_layers, batch_size, num_kv_heads, capacity + 1, head_dim)
         return cls(
             keys=torch.zeros(shape, dtype=dtype, device=device),
             values=torch.zeros(shape, dtype=dtype, device=device),
             capacity=capacity,
+            span=capacity if span is None else span,
         )
 
     @property
@@ -84,6 +90,16 @@ class StaticCache:
         key, value : ``[B, H_kv, Q, D]`` (HF's layout after RoPE)
         slots : int64 ``[B, Q]``, positions in ``[0, capacity]``; ``capacity`` = discard.
         """
+        expected = (self.keys.shape[1], self.keys.shape[2], self.keys.shape[4])  # (B, H_kv, D)
+        for name, tensor in (("key", key), ("value", value)):
+            got = (tensor.shape[0], tensor.shape[1], tensor.shape[3])
+            if tensor.dim() != 4 or got != expected:
+                raise ValueError(
+                    f"std_ext cache: layer {layer_idx} gives a {name} of shape {tuple(tensor.shape)} [B, H_kv, Q, D], "
+                    f"but the cache holds B={expected[0]}, H_kv={expected[1]}, D={expected[2]} (the geometry read "
+                    "from the model's attention layers); a model whose layers differ in heads or head size, or "
+                    "whose keys and values differ in size, is not supported"
+                )
         index = slots[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])  # [B, H_kv, Q, D]
         self.keys[layer_idx].scatter_(2, index, key.to(self.keys.dtype))
         self.values[layer_idx].scatter_(2, index, value.to(self.values.dtype))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from . import sampling
+from . import generation_args, sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
 from .gamma import GammaController, round_trials
@@ -51,6 +52,7 @@ class GenerationStats:
     gamma_auto : whether γ was chosen per round (``gamma="auto"``)
     gammas : γ of each round, in order: the fixed ``gamma``; under "auto" the controller's
         choice, 0 being a plain dense step; all 0 in vanilla mode
+    warnings : what the generation warned about (e.g. a budget that keeps no candidate)
     """
 
     mode: str
@@ -68,6 +70,7 @@ class GenerationStats:
     draft_agreement: float = 0.0
     gamma_auto: bool = False
     gammas: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def decode_s(self) -> float:
@@ -99,7 +102,7 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     mode: str = "std",
     gamma: int | str = 9,
     gamma_max: int = 12,
@@ -107,40 +110,56 @@ def generate(
     window: int | None = None,
     selection: str | Callable | SelectionPolicy = "question",
     candidate_mask: torch.Tensor | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    max_length: int | None = None,
+    generation_config=None,
     progress: bool = False,
     **model_inputs,
 ) -> GenerationOutput:
     """Generate with Sparse-to-Dense decoding (or plain dense decoding), losslessly.
 
+    The tokens are ``transformers``' ``model.generate(...)``'s for the same arguments.
+    Generation arguments resolve as ``generate`` resolves them: this call's over
+    ``generation_config`` (default: the model's own) over ``transformers``' defaults.
+
     Parameters
     ----------
-    model : a supported ``transformers`` model (see :data:`std_ext.models.SUPPORTED_MODELS`)
+    model : a ``transformers`` model whose text decoder runs full causal attention through the
+        attention interface (:class:`std_ext.models.ModelAdapter` says what is refused, and why)
     input_ids : long ``[B, T]``, left-padded when ragged
-    attention_mask : ``[B, T]``, 1 for tokens, 0 for left padding (default: all ones)
-    max_new_tokens : tokens to generate per sequence (EOS included), >= 1
+    attention_mask : ``[B, T]`` of 0 and 1, 1 for tokens, 0 for left padding (default: the mask
+        ``generate`` would infer from ``pad_token_id``)
+    max_new_tokens : tokens to generate per sequence (EOS included), >= 1 (default: the
+        generation config's; else ``max_length`` minus the prompt width)
+    max_length : prompt width + new tokens, as in ``generate`` (``max_new_tokens`` wins)
     mode : "std" (sparse draft + dense verify) or "vanilla" (dense, one token per step)
     gamma : draft tokens per round, >= 1; or "auto": each round's γ in ``0 .. gamma_max`` is
         chosen from the measured draft / verify / dense step times and the running draft
         agreement (:mod:`std_ext.gamma`), 0 being a plain dense step when drafting would not pay
     gamma_max : the largest γ "auto" may choose, >= 1 (ignored for an integer ``gamma``)
     budget : kept prompt positions per KV head: every non-candidate position plus the top
-        ``budget - #non-candidate`` candidates (clamped at 0)
+        ``budget - #non-candidate`` candidates (clamped at 0; a budget that leaves no room for
+        a candidate warns and is recorded in ``stats.warnings``)
     window : at most this many observation queries (the tokens after the last candidate)
     selection : "question", "recent", "refresh" or a callable (see :mod:`std_ext.selection`)
     candidate_mask : bool ``[B, T]``, the selection pool; default: the model's video/image tokens
-    do_sample, temperature, top_k, top_p : sampling as in ``transformers``' ``generate``;
-        the draft samples from the same warped distribution
+    do_sample, temperature, top_k, top_p : sampling as in ``transformers``' ``generate`` (and
+        with its defaults: ``top_k`` 50 when sampling unless set); the draft samples from the
+        same warped distribution
     generator : ``torch.Generator`` on the model's device, for reproducible sampling
-    eos_token_id, pad_token_id : default to the model's ``generation_config``
+    eos_token_id, pad_token_id : default to the generation config's
+    generation_config : a ``transformers.GenerationConfig`` in place of the model's own
     progress : show progress bars: prefill (per decoder layer) and decoding (per emitted token)
-    **model_inputs : other prefill inputs (``pixel_values_videos``, ``video_grid_thw``, ...)
+    **model_inputs : other prefill inputs the model's forward takes (``pixel_values_videos``,
+        ``video_grid_thw``, ``mm_token_type_ids``, ...). Any other keyword is a ``TypeError``;
+        a generation argument std_ext does not reproduce exactly (``num_beams``,
+        ``repetition_penalty``, ``min_new_tokens``, ``stop_strings``, ...) is refused by name.
 
     Returns
     -------
@@ -148,28 +167,51 @@ def generate(
         ``sequences [B, T + new]`` and :class:`GenerationStats`.
     """
     adapter = ModelAdapter.for_model(model)
-    input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    _check_input_ids(input_ids, model)
+    _check_std_parameters(mode, gamma, gamma_max, budget, window)
+    if attention_mask is not None:  # the caller's tensors first; an inferred mask is checked once formed
+        input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    explicit = {name: value for name, value in dict(
+        max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id).items() if value is not None}
+    _check_sampling(explicit.get("max_new_tokens", 1), explicit.get("do_sample", True), explicit.get("temperature", 1.0),
+                    explicit.get("top_k"), explicit.get("top_p"))
+    if max_length is not None:
+        _integer(max_length, "max_length", 1)
+    args = generation_args.resolve(model, adapter.forward_inputs, input_ids.shape[1], generation_config, explicit,
+                                   model_inputs)
+    model_inputs = args.model_inputs
+    if attention_mask is None:
+        attention_mask = generation_args.infer_attention_mask(input_ids, args.pad_id, args.eos_ids)
+        input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    _check_model_inputs(model_inputs, input_ids.device)
     _check_kernels(input_ids.device, mode)
-    _check_parameters(max_new_tokens, mode, gamma, gamma_max, budget, window, do_sample, temperature, top_k, top_p)
-    eos_ids, pad_id = _special_ids(model, eos_token_id, pad_token_id)
+    dtype = next(model.parameters()).dtype
+    _check_dtype(dtype, input_ids.device)
+    _check_sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
+    adapter.check_rope_inputs(model_inputs)
     auto = mode == "std" and gamma == "auto"
     gamma = (gamma_max if auto else gamma) if mode == "std" else 0  # the most drafts a round may run
-    warp = _Warp(do_sample, temperature, top_k, top_p, generator)
+    warp = _Warp(args.do_sample, args.temperature, args.top_k, args.top_p, generator)
     policy = make_policy(selection) if mode == "std" else None
 
     device = input_ids.device
     batch, width = input_ids.shape
+    max_new_tokens = args.max_new_tokens
+    adapter.check_length(width + max_new_tokens)
     prompt_len = attention_mask.sum(1)  # [B] long
     capacity = width + max_new_tokens + gamma + 1
-    dtype = next(model.parameters()).dtype
     _check_capacity(adapter, capacity, width, max_new_tokens, batch, dtype, device)
-    cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, dtype, device)
     stats = GenerationStats(mode=mode, gamma=gamma, budget=budget, gamma_auto=auto)
-    timer = _PhaseTimer(device)
-
     if candidate_mask is None:
         candidate_mask = adapter.visual_mask(input_ids)
     candidate_mask = candidate_mask & attention_mask.bool()
+    if mode == "std":
+        _warn_on_budget(candidate_mask, prompt_len, budget, stats)
+    cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, capacity, dtype,
+                                 device, span=width + max_new_tokens)
+    timer = _PhaseTimer(device)
+
     with adapter.std_attention():
         with timer.phase("prefill"), _layer_progress(adapter, progress, "std_ext prefill"):
             first_logits, step, rope_delta = _prefill(adapter, cache, input_ids, attention_mask, candidate_mask,
@@ -178,7 +220,7 @@ def generate(
             with timer.phase("selection"):
                 _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
-        decoder = _Decoder(adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
+        decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
                            prompt_len, timer, stats, controller=GammaController(gamma) if auto else None)
         new_tokens = decoder.run(warp.pick(first_logits[:, -1]), progress)
     timer.collect(stats)
@@ -203,9 +245,11 @@ def _prefill(adapter, cache, input_ids, attention_mask, candidate_mask, prompt_l
         prefill_real=prefill_real, capture_rows=capture_rows,
     )
     position_ids, rope_delta = adapter.prefill_positions(input_ids, attention_mask, model_inputs)
+    if "logits_to_keep" in adapter.forward_inputs:  # the prefill needs the last position's logits only
+        model_inputs = {**model_inputs, "logits_to_keep": 1}
     out = adapter.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        logits_to_keep=1, std_ext_step=step, **model_inputs,
+        std_ext_step=step, **model_inputs,
     )
     if capture_rows is not None:
         step.capture_pos = torch.where(capture_real, torch.gather(slots, 1, capture_rows), -1)  # [B, R], -1 = pad
@@ -493,35 +537,80 @@ class _Decoder:
 # --------------------------------------------------------------------------- checks and helpers
 
 
-def _check_inputs(input_ids, attention_mask, candidate_mask, model):
+def _check_input_ids(input_ids, model) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"std_ext.generate: input_ids must be an integer tensor [B, T], got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+                         f"{getattr(input_ids, 'dtype', '')} {getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError("std_ext.generate: input_ids is empty")
     device = next(model.parameters()).device
     if input_ids.device != device:
         raise ValueError(f"std_ext.generate: input_ids is on {input_ids.device} but the model is on {device}")
+
+
+def _check_inputs(input_ids, attention_mask, candidate_mask, model):
+    device = input_ids.device
     input_ids = input_ids.long()
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"std_ext.generate: attention_mask {tuple(attention_mask.shape)} must match input_ids "
-                         f"{tuple(input_ids.shape)}")
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"std_ext.generate: attention_mask {tuple(getattr(attention_mask, 'shape', ()))} must match "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"std_ext.generate: attention_mask is on {attention_mask.device} but the model is on {device}")
+    # the values are checked before any cast: 0.5 must not become 0 (a padding token)
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-        raise ValueError("std_ext.generate: attention_mask must hold only 0 and 1")
+        raise ValueError("std_ext.generate: attention_mask must hold only 0 and 1 (1: a token, 0: left padding), "
+                         f"got values such as {attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()}")
+    attention_mask = attention_mask.to(dtype=torch.long)
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("std_ext.generate: attention_mask: only left padding is supported "
                          "(a 0 after a 1); pad on the left, e.g. tokenizer.padding_side = 'left'")
     if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("std_ext.generate: attention_mask: every sequence needs at least one token")
+        raise ValueError("std_ext.generate: attention_mask: every sequence needs at least one token "
+                         "(a row is all padding)")
     if candidate_mask is not None:
-        if candidate_mask.shape != input_ids.shape or candidate_mask.dtype != torch.bool:
+        if (not isinstance(candidate_mask, torch.Tensor) or candidate_mask.shape != input_ids.shape
+                or candidate_mask.dtype != torch.bool):
             raise ValueError(f"std_ext.generate: candidate_mask must be bool with the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {candidate_mask.dtype} {tuple(candidate_mask.shape)}")
-        candidate_mask = candidate_mask.to(device)
+                             f"{tuple(input_ids.shape)}, got {getattr(candidate_mask, 'dtype', type(candidate_mask))} "
+                             f"{tuple(getattr(candidate_mask, 'shape', ()))}")
+        if candidate_mask.device != device:
+            raise ValueError(f"std_ext.generate: candidate_mask is on {candidate_mask.device} but the model is on "
+                             f"{device}")
     return input_ids, attention_mask, candidate_mask
+
+
+def _check_model_inputs(model_inputs: dict, device: torch.device) -> None:
+    """Every tensor input on the model's device, before the prefill (not deep inside the model)."""
+    for name, value in model_inputs.items():
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"std_ext.generate: {name} is on {tensor.device} but the model is on {device}; "
+                                 f"move it with .to({str(device)!r})")
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    kernels = (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.float16, torch.bfloat16)
+    if dtype not in kernels:
+        names = ", ".join(str(d).replace("torch.", "") for d in kernels)
+        raise ValueError(f"std_ext.generate: model: its parameters are {str(dtype).replace('torch.', '')}, but "
+                         f"std_ext's {device.type.upper()} kernels take {names}; load the model with one of them "
+                         "(from_pretrained(..., dtype=torch.bfloat16) or model.to(torch.bfloat16))")
+
+
+def _warn_on_budget(candidate_mask: torch.Tensor, prompt_len: torch.Tensor, budget: int,
+                    stats: GenerationStats) -> None:
+    """A budget at or below the non-candidate count keeps no candidate: say so, do not run silently dense-free."""
+    n_candidates = candidate_mask.sum(1)  # [B]
+    room = budget - (prompt_len - n_candidates)  # [B] candidates the budget can keep
+    starved = (n_candidates > 0) & (room <= 0)
+    if bool(starved.any()):
+        fixed = int((prompt_len - n_candidates)[starved].max())
+        message = (f"budget={budget} keeps no candidate (visual) token in {int(starved.sum())} of "
+                   f"{starved.numel()} sequences: their {fixed} non-candidate prompt tokens already fill it, "
+                   "so the draft attends to no candidate; raise budget above the non-candidate count")
+        warnings.warn(f"std_ext.generate: {message}", stacklevel=4)
+        stats.warnings.append(message)
 
 
 def _check_kernels(device: torch.device, mode: str) -> None:
@@ -536,20 +625,25 @@ def _check_kernels(device: torch.device, mode: str) -> None:
         )
 
 
-def _check_parameters(max_new_tokens, mode, gamma, gamma_max, budget, window, do_sample, temperature, top_k, top_p):
-    def integer(value, name, low, alternative=""):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"std_ext.generate: {name} must be an integer >= {low}{alternative}, got {value!r}")
+def _integer(value, name, low, alternative=""):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"std_ext.generate: {name} must be an integer >= {low}{alternative}, got {value!r}")
 
+
+def _check_std_parameters(mode, gamma, gamma_max, budget, window) -> None:
     if mode not in ("std", "vanilla"):
         raise ValueError(f"std_ext.generate: mode must be 'std' or 'vanilla', got {mode!r}")
-    integer(max_new_tokens, "max_new_tokens", 1)
     if gamma != "auto":
-        integer(gamma, "gamma", 1, " or 'auto'")
-    integer(gamma_max, "gamma_max", 1)
-    integer(budget, "budget", 0)
+        _integer(gamma, "gamma", 1, " or 'auto'")
+    _integer(gamma_max, "gamma_max", 1)
+    _integer(budget, "budget", 0)
     if window is not None:
-        integer(window, "window", 1)
+        _integer(window, "window", 1)
+
+
+def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    _integer(max_new_tokens, "max_new_tokens", 1)
+    integer = _integer
     if do_sample:
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"std_ext.generate: temperature must be > 0 when sampling, got {temperature!r}")
@@ -578,18 +672,6 @@ def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_to
                 f"{needed / 2**30:.2f} GiB but {free / 2**30:.2f} GiB is free on {device}; "
                 "lower the batch size, the prompt length or max_new_tokens"
             )
-
-
-def _special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
-    config = getattr(model, "generation_config", None)
-    if eos_token_id is None and config is not None:
-        eos_token_id = config.eos_token_id
-    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    if pad_token_id is None and config is not None:
-        pad_token_id = config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    return [int(t) for t in eos] or [-1], int(pad_token_id)
 
 
 def _progress_bar(enabled: bool, total: int):
