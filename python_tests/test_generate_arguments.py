@@ -44,14 +44,13 @@ def test_a_typo_is_a_type_error_with_a_suggestion(model, inputs, typo, suggestio
         std_ext.generate(model, **inputs, max_new_tokens=4, **{typo: 4})
 
 
-@pytest.mark.parametrize("name", ["num_beams", "repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
+@pytest.mark.parametrize("name", ["num_beams", "min_new_tokens", "no_repeat_ngram_size",
                                   "suppress_tokens", "sequence_bias"])
 def test_unimplemented_generation_arguments_are_refused_by_name(model, name):
     inputs = make_inputs(model, "qwen2", [30], seed=2)
     greedy = generate_tokens(model, inputs, max_new_tokens=12)[0]
     kwargs = {
         "num_beams": dict(num_beams=2),
-        "repetition_penalty": dict(repetition_penalty=1.3),
         "min_new_tokens": dict(min_new_tokens=6, eos_token_id=greedy[2]),
         "no_repeat_ngram_size": dict(no_repeat_ngram_size=1),
         "suppress_tokens": dict(suppress_tokens=[greedy[0]]),
@@ -99,10 +98,10 @@ def test_defaults_come_from_the_models_generation_config(model, inputs):
     assert len(expected[0]) == 4  # stopped at the config's EOS
     assert std_tokens(tuned, inputs) == expected
 
-    tuned.generation_config.repetition_penalty = 1.2  # as Qwen2-VL-Instruct's generation_config sets it
-    with pytest.raises(TypeError, match="repetition_penalty=1.2 is not implemented"):
+    tuned.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(TypeError, match="no_repeat_ngram_size=2 is not implemented"):
         std_ext.generate(tuned, **inputs)
-    assert std_tokens(tuned, inputs, repetition_penalty=1.0) == expected  # overridden per call, as in generate
+    assert std_tokens(tuned, inputs, no_repeat_ngram_size=0) == expected  # overridden per call, as in generate
 
 
 def test_generation_config_argument(model, inputs):
@@ -192,3 +191,28 @@ def test_a_budget_with_no_room_for_candidates_warns_and_is_recorded(model, input
     assert len(out.stats.warnings) == 1 and "budget=10" in out.stats.warnings[0]
     out = std_ext.generate(model, **inputs, max_new_tokens=3, budget=20, candidate_mask=candidates)
     assert out.stats.warnings == []
+
+
+@pytest.mark.parametrize("mode", ["std", "vanilla"])
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_generate(model, mode, penalty):
+    """Qwen2-VL / Qwen2.5-VL instruct checkpoints set repetition_penalty=1.05: reproduced exactly,
+    drafts included in the penalized history of the tokens after them."""
+    batch = make_inputs(model, "qwen2", [20, 27, 30], seed=3)
+    width = batch["input_ids"].shape[1]
+    expected = generate_tokens(model, batch, max_new_tokens=16, repetition_penalty=penalty)
+    assert expected != generate_tokens(model, batch, max_new_tokens=16)  # the penalty matters here
+    out = std_ext.generate(model, **batch, max_new_tokens=16, repetition_penalty=penalty, mode=mode, gamma=4)
+    assert new_tokens(out.sequences, width) == expected
+    if mode == "std":
+        assert out.stats.mean_accepted > 0  # drafts were accepted under the penalty too
+
+
+def test_repetition_penalty_with_deterministic_sampling_equals_generate(model):
+    """The instruct checkpoints' own defaults: sampling with top_k=1 and a penalty (no seed needed)."""
+    batch = make_inputs(model, "qwen2", [24, 30], seed=4)
+    width = batch["input_ids"].shape[1]
+    settings = dict(max_new_tokens=12, do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
+    expected = new_tokens(model.generate(**batch, **settings), width)
+    out = std_ext.generate(model, **batch, gamma=4, **settings)
+    assert new_tokens(out.sequences, width) == expected

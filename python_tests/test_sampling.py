@@ -384,3 +384,17 @@ def test_speculative_accept_gamma0_determinism_and_low_precision():
         sampling.speculative_accept(d, q[:, :1], pt, g)
     with pytest.raises(ValueError):
         sampling.greedy_accept(d, pt[:, :2])
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.5, 0.7])
+def test_repetition_penalize_is_bitwise_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 50, generator=gen) * 4
+    ids = torch.randint(0, 50, (3, 17), generator=gen)  # repeats included
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+    got = sampling.repetition_penalize(logits, seen, penalty)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, logits)

@@ -192,7 +192,7 @@ def generate(
     adapter.check_rope_inputs(model_inputs)
     auto = mode == "std" and gamma == "auto"
     gamma = (gamma_max if auto else gamma) if mode == "std" else 0  # the most drafts a round may run
-    warp = _Warp(args.do_sample, args.temperature, args.top_k, args.top_p, generator)
+    warp = _Warp(args.do_sample, args.temperature, args.top_k, args.top_p, generator, args.repetition_penalty)
     policy = make_policy(selection) if mode == "std" else None
 
     device = input_ids.device
@@ -220,9 +220,10 @@ def generate(
             with timer.phase("selection"):
                 _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
+        seen = None if warp.repetition_penalty is None else _SeenTokens(input_ids, first_logits.shape[-1])
         decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
-                           prompt_len, timer, stats, controller=GammaController(gamma) if auto else None)
-        new_tokens = decoder.run(warp.pick(first_logits[:, -1]), progress)
+                           prompt_len, timer, stats, controller=GammaController(gamma) if auto else None, seen=seen)
+        new_tokens = decoder.run(warp.pick(first_logits[:, -1], None if seen is None else seen.now), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
     return GenerationOutput(sequences=sequences, stats=stats)
@@ -330,19 +331,60 @@ def _keep_plan(cache, step, candidate_mask, prompt_len, budget) -> _KeepPlan:
 
 
 class _Warp:
-    """Greedy or sampled token choice, with the same warping for draft and target."""
+    """Greedy or sampled token choice, with the same processing for draft and target.
 
-    def __init__(self, do_sample, temperature, top_k, top_p, generator):
+    ``seen`` (bool ``[..., V]``, the tokens of each row's sequence so far) feeds the
+    repetition penalty, applied before the warping as ``generate`` applies it; it is
+    ignored when there is no penalty.
+    """
+
+    def __init__(self, do_sample, temperature, top_k, top_p, generator, repetition_penalty=None):
         self.do_sample, self.generator = do_sample, generator
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return sampling.warp_probs(logits, self.temperature, self.top_k, self.top_p)
+    def process(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        if self.repetition_penalty is None:
+            return logits
+        return sampling.repetition_penalize(logits, seen, self.repetition_penalty)
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        return sampling.warp_probs(self.process(logits, seen), self.temperature, self.top_k, self.top_p)
+
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         if not self.do_sample:
-            return sampling.greedy_tokens(logits)
-        return sampling.sample_tokens(self.probs(logits), self.generator)
+            return sampling.greedy_tokens(self.process(logits, seen))
+        return sampling.sample_tokens(self.probs(logits, seen), self.generator)
+
+
+class _SeenTokens:
+    """Which tokens each sequence holds so far (the repetition penalty's input), on the device.
+
+    ``now`` is bool ``[B, V]``: the prompt as passed (padding included, as ``generate``
+    counts it) and every emitted token. A round reads it with its drafts added: draft
+    ``j`` and verify row ``j`` see the drafts before them as part of the sequence.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, vocab: int) -> None:
+        self.vocab = vocab
+        self.table = torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
+        self.table.scatter_(1, input_ids.clamp(0, vocab), True)  # column V absorbs masked writes
+
+    @property
+    def now(self) -> torch.Tensor:
+        return self.table[:, : self.vocab]  # [B, V]
+
+    def add(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Mark ``tokens [B, k]`` where ``valid [B, k]``."""
+        self.table.scatter_(1, torch.where(valid, tokens, self.vocab), True)
+
+    def with_drafts(self, drafts: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, γ+1, V]``: row ``i`` holds the sequence up to draft ``i`` (row 0: none)."""
+        batch, gamma = drafts.shape
+        rows = self.now[:, None].repeat(1, gamma + 1, 1)
+        for j in range(gamma):
+            rows[:, j + 1:].scatter_(2, drafts[:, j, None, None].expand(-1, gamma - j, 1), True)
+        return rows
 
 
 class _Tally:
@@ -386,8 +428,9 @@ class _Decoder:
     """
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
-                 prompt_len, timer, stats, controller: GammaController | None = None):
+                 prompt_len, timer, stats, controller: GammaController | None = None, seen: _SeenTokens | None = None):
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
+        self.seen = seen  # the repetition penalty's token sets; None without a penalty
         self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
         self.rope_delta, self.timer, self.stats = rope_delta, timer, stats
         self.controller = controller
@@ -402,6 +445,8 @@ class _Decoder:
         batch, device = first.shape[0], first.device
         out = torch.full((batch, self.max_new_tokens + 1), self.pad_id, dtype=torch.long, device=device)
         out[:, 0] = first
+        if self.seen is not None:
+            self.seen.add(first[:, None], torch.ones_like(first[:, None], dtype=torch.bool))
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         finished = torch.isin(first, self.eos_ids) | (emitted >= self.max_new_tokens)
         pending = first
@@ -446,6 +491,8 @@ class _Decoder:
         valid &= offsets[None] < (self.max_new_tokens - emitted)[:, None]
         slots = torch.where(valid, emitted[:, None] + offsets[None], self.max_new_tokens)
         out.scatter_(1, slots, torch.where(valid, tokens, self.pad_id))
+        if self.seen is not None:
+            self.seen.add(tokens, valid)
         emitted += valid.sum(1)
         finished |= (is_eos & valid).any(1) | (emitted >= self.max_new_tokens)
 
@@ -462,7 +509,7 @@ class _Decoder:
         if gamma == 0:
             with self.timer.phase("verify"):
                 logits = self._forward("dense", pending[:, None], self.cur_len[:, None])  # [B, 1, V]
-                token = self.warp.pick(logits[:, 0])
+                token = self.warp.pick(logits[:, 0], self._seen_now())
             empty = pending.new_empty(pending.shape[0], 0)
             return torch.zeros_like(pending), token, empty
         with self.timer.phase("draft"):
@@ -473,11 +520,12 @@ class _Decoder:
             positions = self.cur_len[:, None] + offsets[None]  # [B, γ+1]
             capture = self.policy.needs_verify_queries
             step_logits = self._forward("dense", block, positions, capture=capture)  # [B, γ+1, V]
+            seen = None if self.seen is None else self.seen.with_drafts(drafts)  # [B, γ+1, V]
             if self.warp.do_sample:
-                n, bonus = sampling.speculative_accept(drafts, draft_probs, self.warp.probs(step_logits),
+                n, bonus = sampling.speculative_accept(drafts, draft_probs, self.warp.probs(step_logits, seen),
                                                        self.warp.generator)
             else:
-                n, bonus = sampling.greedy_accept(drafts, step_logits)
+                n, bonus = sampling.greedy_accept(drafts, self.warp.process(step_logits, seen))
             if capture:
                 self._refresh(positions, n, offsets)
         return n, bonus, drafts
@@ -487,16 +535,22 @@ class _Decoder:
         drafts = pending.new_empty(batch, gamma)
         probs = []
         token = pending
+        seen = None if self.seen is None else self.seen.now.clone()  # [B, V], grows with the drafts
         for j in range(gamma):
             logits = self._forward("sparse", token[:, None], (self.cur_len + j)[:, None])[:, 0]  # [B, V]
             if self.warp.do_sample:
-                q = self.warp.probs(logits)
+                q = self.warp.probs(logits, seen)
                 token = sampling.sample_tokens(q, self.warp.generator)
                 probs.append(q)
             else:
-                token = sampling.greedy_tokens(logits)
+                token = self.warp.pick(logits, seen)
             drafts[:, j] = token
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
         return drafts, (torch.stack(probs, 1) if probs else None)  # [B, γ], [B, γ, V]
+
+    def _seen_now(self) -> torch.Tensor | None:
+        return None if self.seen is None else self.seen.now
 
     def _forward(self, mode: str, tokens: torch.Tensor, positions: torch.Tensor, capture: bool = False):
         """One model forward of ``tokens [B, Q]`` at cache ``positions [B, Q]``; logits ``[B, Q, V]``."""

@@ -21,6 +21,7 @@ import torch
 # The fields std_ext.generate implements exactly (and reads from the resolved config).
 IMPLEMENTED = frozenset({
     "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+    "repetition_penalty",
 })
 
 # Fields that do not change which tokens are produced (bookkeeping, output format, cache
@@ -50,6 +51,7 @@ class GenerationArguments:
 
     max_new_tokens : tokens to emit per sequence (>= 1)
     do_sample, temperature, top_k, top_p : the token choice (warping applies only when sampling)
+    repetition_penalty : ``generate``'s repetition penalty (None: off), applied greedy or sampled
     eos_ids : stop tokens (``[-1]`` when there are none); pad_id : fills after a sequence's end
     model_inputs : the remaining prefill inputs, each one the model's forward takes
     """
@@ -59,6 +61,7 @@ class GenerationArguments:
     temperature: float
     top_k: int | None
     top_p: float | None
+    repetition_penalty: float | None
     eos_ids: list[int]
     pad_id: int
     model_inputs: dict
@@ -93,6 +96,7 @@ def resolve(model: torch.nn.Module, forward_inputs: frozenset[str], width: int, 
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
+        repetition_penalty=_repetition_penalty(config.repetition_penalty),
         eos_ids=_token_list(config.eos_token_id, "eos_token_id"),
         pad_id=_pad_id(config),
         model_inputs=leftover,
@@ -142,6 +146,14 @@ def _refuse_unimplemented(config) -> None:
                 " (the model's own generation_config may set it: pass "
                 f"{name}={neutral[name]!r} to override)"
             )
+
+
+def _repetition_penalty(value) -> float | None:
+    if value is None or value == 1.0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"std_ext.generate: repetition_penalty must be a number > 0, got {value!r}")
+    return float(value)
 
 
 def _max_new_tokens(config, width: int) -> int:

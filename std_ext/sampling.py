@@ -89,6 +89,31 @@ def warp_probs(
     return scores.softmax(dim=-1)
 
 
+def repetition_penalize(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """``transformers``' repetition penalty: every token already in the sequence has its logit
+    divided by ``penalty`` when positive, multiplied when negative.
+
+    Computed elementwise in float32 exactly as ``RepetitionPenaltyLogitsProcessor`` does
+    on ``generate``'s float32 logits, so the result is bit-identical.
+
+    Parameters
+    ----------
+    logits : Tensor [..., V]
+    seen : Tensor [..., V], bool
+        Whether each token occurs in the sequence so far (prompt, padding included, and
+        every token after it).
+    penalty : float
+        > 0; 1.0 changes nothing.
+
+    Returns
+    -------
+    Tensor [..., V], float32
+    """
+    scores = logits.float()
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
 def greedy_tokens(logits: Tensor) -> Tensor:
     """Greedy choice: the index of the largest logit (first one on ties).
 
