@@ -1,10 +1,11 @@
 """std_ext.frames.load_frames: .npy layouts and dtypes, uniform sampling, image folders,
-video files, and the errors for bad inputs.
+video files, the metadata of what was kept, and the errors for bad inputs.
 
-Pillow and the video decoders are optional and absent in CI: "missing" is forced with
-``sys.modules[name] = None`` (so those tests hold whether or not a package is
-installed), and "present" uses small fake modules that implement just the calls
-load_frames makes; one test uses the real Pillow when it is installed.
+Video files are written in the test with PyAV (lossless PNG-in-MOV and FFV1-in-Matroska,
+whose frames must come back exactly, and lossy MPEG-4) and decoded by transformers'
+``load_video``. "Missing" packages are forced with ``sys.modules[name] = None`` (so
+those tests hold whether or not a package is installed); image folders are also tested
+with a small fake Pillow that counts which files are decoded.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import types
 import numpy as np
 import pytest
 
-from std_ext.frames import FrameLoadError, load_frames, sample_indices
+import cli_checkpoints
+from std_ext.frames import FrameLoadError, VideoFrames, load_frames, sample_indices
 
 T, H, W = 6, 5, 7
+
+
+def _frames(*args, **kwargs) -> np.ndarray:
+    return load_frames(*args, **kwargs).frames
 
 
 def _video(seed: int = 0) -> np.ndarray:
@@ -38,28 +44,28 @@ def _save(tmp_path, array: np.ndarray, name: str = "video.npy"):
 
 def test_npy_channels_last_uint8(tmp_path):
     frames = _video()
-    out = load_frames(_save(tmp_path, frames))
+    out = _frames(_save(tmp_path, frames))
     assert out.dtype == np.uint8 and out.shape == (T, H, W, 3) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, frames)
 
 
 def test_npy_channels_first(tmp_path):
     frames = _video()
-    out = load_frames(_save(tmp_path, frames.transpose(0, 3, 1, 2)))
+    out = _frames(_save(tmp_path, frames.transpose(0, 3, 1, 2)))
     assert out.shape == (T, H, W, 3) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, frames)
 
 
 def test_npy_last_axis_3_wins_when_ambiguous(tmp_path):
     frames = np.random.default_rng(1).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(load_frames(_save(tmp_path, frames)), frames)
+    np.testing.assert_array_equal(_frames(_save(tmp_path, frames)), frames)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_npy_float_unit_range_is_scaled(tmp_path, dtype):
     frames = _video()
     unit = (frames.astype(np.float64) / 255.0).astype(dtype)
-    out = load_frames(_save(tmp_path, unit))
+    out = _frames(_save(tmp_path, unit))
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, np.rint(unit.astype(np.float64) * 255.0).astype(np.uint8))
     assert np.abs(out.astype(int) - frames.astype(int)).max() <= (1 if dtype == np.float16 else 0)
@@ -67,7 +73,7 @@ def test_npy_float_unit_range_is_scaled(tmp_path, dtype):
 
 def test_npy_float_255_range_is_rounded(tmp_path):
     values = np.array([0.0, 1.4, 1.6, 254.5, 255.0, 128.0], dtype=np.float32).reshape(1, 2, 1, 3)
-    out = load_frames(_save(tmp_path, values))
+    out = _frames(_save(tmp_path, values))
     assert out.reshape(-1).tolist() == [0, 1, 2, 254, 255, 128]  # round half to even: 254.5 -> 254
 
 
@@ -150,12 +156,12 @@ def test_sample_indices_distinct_ascending_in_range(total):
 def test_num_frames_samples_the_npy(tmp_path):
     frames = _video()
     path = _save(tmp_path, frames)
-    out = load_frames(path, num_frames=3)
+    out = _frames(path, num_frames=3)
     assert out.shape == (3, H, W, 3)
     assert out[:, 0, 0, 0].tolist() == [0, 20, 50]  # frames 0, round(2.5)=2, 5
     np.testing.assert_array_equal(out, frames[[0, 2, 5]])
-    np.testing.assert_array_equal(load_frames(path, num_frames=0), frames)  # 0 = all
-    np.testing.assert_array_equal(load_frames(path, num_frames=100), frames)
+    np.testing.assert_array_equal(_frames(path, num_frames=0), frames)  # 0 = all
+    np.testing.assert_array_equal(_frames(path, num_frames=100), frames)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
@@ -249,11 +255,11 @@ def test_image_folder_sorted_naturally_and_sampled(tmp_path, monkeypatch):
     for value, name in zip([10, 2, 1, 9, 100], names):
         (tmp_path / name).write_text(f"{value} 3 4")
     (tmp_path / "readme.txt").write_text("ignored")
-    out = load_frames(tmp_path)
+    out = _frames(tmp_path)
     assert out.shape == (5, 3, 4, 3) and out.dtype == np.uint8
     assert out[:, 0, 0, 0].tolist() == [1, 2, 9, 10, 100]
     opened.clear()
-    out = load_frames(tmp_path, num_frames=3)
+    out = _frames(tmp_path, num_frames=3)
     assert out[:, 0, 0, 0].tolist() == [1, 9, 100]
     assert opened == ["frame_1.jpeg", "frame_9.bmp", "frame_100.webp"]  # only the sampled files are decoded
 
@@ -271,109 +277,106 @@ def test_image_folder_with_real_pillow(tmp_path):
     frames = _video()
     for t, frame in enumerate(frames):
         image_module.fromarray(frame).save(tmp_path / f"{t}.png")
-    np.testing.assert_array_equal(load_frames(tmp_path), frames)
+    np.testing.assert_array_equal(_frames(tmp_path), frames)
+
+
+# --------------------------------------------------------------------------- what was kept
+
+
+def test_npy_metadata(tmp_path):
+    out = load_frames(_save(tmp_path, _video()), num_frames=3, fps=12.5)
+    assert isinstance(out, VideoFrames)
+    assert out.indices.tolist() == [0, 2, 5] and out.indices.dtype == np.int64
+    assert (out.total_frames, out.fps, out.kind) == (T, 12.5, ".npy array")
+    assert out.metadata() == {"total_num_frames": T, "fps": 12.5, "duration": T / 12.5,
+                              "frames_indices": [0, 2, 5], "height": H, "width": W}
+
+
+def test_folder_metadata_without_fps(tmp_path, monkeypatch):
+    _fake_pillow(monkeypatch, [])
+    for t in range(4):
+        (tmp_path / f"{t}.png").write_text(f"{t} 2 3")
+    out = load_frames(tmp_path, num_frames=2)
+    assert (out.kind, out.total_frames, out.fps, out.indices.tolist()) == ("image folder", 4, None, [0, 3])
+    assert out.metadata()["fps"] is None and out.metadata()["duration"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "24", True])
+def test_bad_fps(tmp_path, bad):
+    with pytest.raises(FrameLoadError, match="fps must be a positive number"):
+        load_frames(_save(tmp_path, _video()), fps=bad)
 
 
 # --------------------------------------------------------------------------- video files
 
-_DECODER_MODULES = ("av", "decord", "cv2", "torchvision", "torchvision.io")
+
+def _write_video(path, frames: np.ndarray, codec: str, fps: int = 8):
+    pytest.importorskip("av")
+    return cli_checkpoints.write_video(path, frames, fps=fps, codec=codec)
 
 
-def _no_decoders(monkeypatch):
-    for name in _DECODER_MODULES:
-        monkeypatch.setitem(sys.modules, name, None)
+def _clip(count: int = 10) -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 256, (count, 16, 24, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".avi", ".mkv", ".webm", ".MOV"])
-def test_video_without_decoders(tmp_path, monkeypatch, suffix):
-    _no_decoders(monkeypatch)
-    path = tmp_path / f"clip{suffix}"
+@pytest.mark.parametrize("name, codec", [("clip.mov", "png"), ("clip.mkv", "ffv1")])
+def test_lossless_video_file_frames_exact(tmp_path, name, codec):
+    """PNG in MOV records its frame count; FFV1 in Matroska does not (the packets are counted)."""
+    frames = _clip()
+    path = _write_video(tmp_path / name, frames, codec)
+    out = load_frames(path, num_frames=4)
+    assert out.indices.tolist() == [0, 3, 6, 9]
+    np.testing.assert_array_equal(out.frames, frames[[0, 3, 6, 9]])
+    assert (out.total_frames, out.fps, out.kind) == (10, 8.0, "video file")
+    everything = load_frames(path)  # no num_frames: every frame
+    np.testing.assert_array_equal(everything.frames, frames)
+    np.testing.assert_array_equal(load_frames(path, num_frames=50).frames, frames)
+
+
+def test_mp4_uses_transformers_load_video_with_pyav(tmp_path, monkeypatch):
+    import transformers.video_utils as video_utils
+
+    frames = _clip(12)
+    path = _write_video(tmp_path / "clip.mp4", frames, "mpeg4", fps=6)
+    calls = []
+    real = video_utils.load_video
+
+    def spy(video, *args, **kwargs):
+        calls.append((video, kwargs.get("backend")))
+        return real(video, *args, **kwargs)
+
+    monkeypatch.setattr(video_utils, "load_video", spy)
+    out = load_frames(path, num_frames=5)
+    assert calls == [(str(path), "pyav")]
+    assert out.frames.shape == (5, 16, 24, 3) and out.frames.dtype == np.uint8 and out.frames.flags.c_contiguous
+    assert out.indices.tolist() == [0, 3, 6, 8, 11] and (out.total_frames, out.fps) == (12, 6.0)
+    # lossy, but each kept frame is closest to its own source frame
+    for kept, index in zip(out.frames.astype(int), out.indices):
+        errors = np.abs(frames.astype(int) - kept).mean(axis=(1, 2, 3))
+        assert errors.argmin() == index
+
+
+def test_video_without_pyav(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails as if not installed
+    path = tmp_path / "clip.webm"
     path.write_bytes(b"\x00" * 16)
     with pytest.raises(FrameLoadError) as info:
         load_frames(path)
     message = str(info.value)
-    assert "needs a decoder package" in message
-    for package in ("av", "decord", "opencv-python", "torchvision"):
-        assert package in message
+    assert "needs PyAV" in message and "pip install av" in message
     assert "folder of images" in message and ".npy" in message
 
 
-def test_video_with_decord(tmp_path, monkeypatch):
-    """A (fake) decord decodes only the sampled frames."""
-    _no_decoders(monkeypatch)
-    frames = np.stack([np.full((4, 6, 3), t, np.uint8) for t in range(20)])
-    asked: list[list[int]] = []
-
-    class Batch:
-        def __init__(self, array):
-            self.array = array
-
-        def asnumpy(self):
-            return self.array
-
-    class VideoReader:
-        def __init__(self, path, ctx=None):
-            assert path.endswith("clip.mp4")
-
-        def __len__(self):
-            return len(frames)
-
-        def get_batch(self, indices):
-            asked.append(list(indices))
-            return Batch(frames[indices])
-
-    decord = types.ModuleType("decord")
-    decord.VideoReader, decord.cpu = VideoReader, lambda index: ("cpu", index)
-    monkeypatch.setitem(sys.modules, "decord", decord)
+def test_corrupt_video_names_the_file(tmp_path):
+    pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
-    path.write_bytes(b"\x00")
-    out = load_frames(path, num_frames=5)
-    assert asked == [[0, 5, 10, 14, 19]]
-    assert out.shape == (5, 4, 6, 3) and out[:, 0, 0, 0].tolist() == [0, 5, 10, 14, 19]
-
-
-def test_video_with_cv2_converts_bgr(tmp_path, monkeypatch):
-    _no_decoders(monkeypatch)
-    bgr = [np.stack([np.full((2, 3), t), np.zeros((2, 3)), np.full((2, 3), 200)], -1).astype(np.uint8)
-           for t in range(4)]
-
-    class Capture:
-        def __init__(self, path):
-            self.frames = list(bgr)
-
-        def isOpened(self):
-            return True
-
-        def get(self, prop):
-            return float(len(bgr))
-
-        def read(self):
-            return (True, self.frames.pop(0)) if self.frames else (False, None)
-
-        def release(self):
-            pass
-
-    cv2 = types.ModuleType("cv2")
-    cv2.VideoCapture, cv2.CAP_PROP_FRAME_COUNT, cv2.COLOR_BGR2RGB = Capture, 7, 4
-    cv2.cvtColor = lambda frame, code: frame[..., ::-1]
-    monkeypatch.setitem(sys.modules, "cv2", cv2)
-    path = tmp_path / "clip.avi"
-    path.write_bytes(b"\x00")
-    out = load_frames(path, num_frames=2)
-    assert out.shape == (2, 2, 3, 3)
-    assert out[:, 0, 0].tolist() == [[200, 0, 0], [200, 0, 3]]  # RGB, frames 0 and 3
-
-
-def test_decoder_failure_names_the_file(tmp_path, monkeypatch):
-    _no_decoders(monkeypatch)
-    decord = types.ModuleType("decord")
-
-    def broken(path, ctx=None):
-        raise RuntimeError("moov atom not found")
-
-    decord.VideoReader, decord.cpu = broken, lambda index: None
-    monkeypatch.setitem(sys.modules, "decord", decord)
-    path = tmp_path / "clip.mp4"
-    path.write_bytes(b"\x00")
-    with pytest.raises(FrameLoadError, match=r"clip.mp4: decord could not decode the video \(RuntimeError: moov atom"):
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(FrameLoadError, match=r"clip.mp4: cannot open the video \("):
         load_frames(path)
+
+
+def test_fps_is_refused_for_a_video_file(tmp_path):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"\x00")
+    with pytest.raises(FrameLoadError, match="a video file carries its own frame rate"):
+        load_frames(path, fps=30)

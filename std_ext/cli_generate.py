@@ -2,31 +2,42 @@
 
     python -m std_ext generate --model DIR --video FRAMES --question TEXT [--compare]
 
---model is a local `transformers` checkpoint directory of a supported video LLM
-(Qwen2VLForConditionalGeneration or LlavaOnevisionForConditionalGeneration). --video is
-a folder of images, an .npy array [T, H, W, 3] / [T, 3, H, W] (uint8, or float in
-[0, 1] / [0, 255]), or a video file when a decoder package (av, decord, opencv-python
-or torchvision) is installed; --num-frames frames are sampled uniformly.
+--model is a local `transformers` checkpoint directory of a video LLM that
+std_ext.generate supports (any model whose text decoder runs full causal attention through
+transformers' attention interface: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, ...).
+It is loaded with transformers' Auto classes (AutoModelForImageTextToText, else
+AutoModelForCausalLM, else the class its config names); a model std_ext cannot decode
+exactly is refused, naming the feature, before its weights are loaded.
+
+--video is a video file (.mp4 .avi .mkv .webm .mov; decoded by transformers'
+load_video with PyAV: pip install av), a folder of images (needs Pillow) or an .npy array
+[T, H, W, 3] / [T, 3, H, W]; --num-frames frames are sampled uniformly. A folder or an
+array has no frame rate: give it with --fps (Qwen2.5-VL and Qwen3-VL place frames in
+time; their processors assume 24 fps otherwise).
 
 The prompt is the checkpoint's chat template with one video and the question, plus the
-generation prompt. The video is preprocessed by the checkpoint's own processor
-(AutoProcessor; the exact Hugging Face numerics) when it loads and works, which for
-Qwen2-VL and LLaVA-OneVision needs Pillow and torchvision. Otherwise Qwen2-VL falls
-back to std_ext's built-in pure-torch preprocessing (the same steps: resize so each
-side is a multiple of patch_size * merge_size within min/max pixels, rescale,
-normalize, patchify), with the parameters of the checkpoint's preprocessor config and
-the tokenizer from AutoTokenizer; LLaVA-OneVision has no fallback. The output says
-which path was used.
+generation prompt, and the checkpoint's own processor (AutoProcessor) turns it and the
+frames into model inputs; every input it returns (mm_token_type_ids,
+second_per_grid_ts, ...) goes to the model. Where that processor cannot load (Qwen-VL
+video processors need torchvision), Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints fall
+back to std_ext's built-in pure-torch copy of their processors (resize, rescale,
+normalize, patchify; the placeholder tokens, Qwen3-VL's frame timestamps, Qwen2.5-VL's
+second_per_grid_ts and mm_token_type_ids), with the parameters of the checkpoint's own
+preprocessor config and the tokenizer from AutoTokenizer. The output says which path
+was used; --preprocess chooses one.
 
-Prints the answer and the decode statistics. --compare also decodes with vanilla
-(dense, one token per step) decoding and reports the decode speedup and whether the
-new tokens are identical. Exit codes: 0 success, 1 --compare found different outputs,
-2 bad arguments or inputs.
+Decoding is greedy (do_sample=False); the checkpoint's other generation settings
+(eos_token_id, repetition_penalty, ...) apply as in transformers' generate, and one
+std_ext does not reproduce is refused by name. Prints the answer and the decode statistics. --compare also decodes
+with vanilla (dense, one token per step) decoding and reports the decode speedup and
+whether the new tokens are identical. Exit codes: 0 success, 1 --compare found
+different outputs, 2 bad arguments or inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -39,9 +50,8 @@ import numpy as np
 import torch
 
 from ._cli import CliError, default_dtype, gamma_choice, int_at_least, resolve_device
-from .frames import FrameLoadError, load_frames
+from .frames import FrameLoadError, VideoFrames, is_video_file, load_frames
 from .generate import GenerationOutput, GenerationStats
-from .models import SUPPORTED_MODELS
 from .selection import POLICIES
 
 if TYPE_CHECKING:
@@ -49,30 +59,40 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CliError",
-    "Qwen2VLVideoParams",
+    "BuiltinFamily",
     "PromptInputs",
+    "QwenVideoParams",
     "add_arguments",
-    "run",
+    "builtin_family",
+    "builtin_prompt",
+    "prepare_prompt",
     "qwen2_vl_resized_size",
-    "qwen2_vl_video_inputs",
+    "qwen3_vl_resized_size",
+    "qwen_video_inputs",
+    "run",
 ]
 
 PROG = "python -m std_ext generate"
-VIDEO_MODELS = ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
-_MODEL_TYPES = {"qwen2_vl": VIDEO_MODELS[0], "llava_onevision": VIDEO_MODELS[1]}
-_QWEN2_VL = VIDEO_MODELS[0]
-# Qwen2-VL's own prompt format, used when a checkpoint's tokenizer carries no chat template.
-_QWEN2_VL_PROMPT = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-_VIDEO_TOKEN = "<|video_pad|>"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config attributes naming a visual placeholder token: a model without any takes no video.
+_PLACEHOLDER_ATTRS = ("video_token_id", "video_token_index", "image_token_id", "image_token_index")
 
 
 # =========================================================================== arguments
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+_positive_float.__name__ = "positive number"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,12 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the docstring's layout in --help
     parser.add_argument("--model", required=True, metavar="DIR", help="local transformers checkpoint directory")
     parser.add_argument("--video", required=True, metavar="FRAMES",
-                        help="folder of images, .npy array [T,H,W,3] or [T,3,H,W], or a video file")
+                        help="video file, folder of images, or .npy array [T,H,W,3] or [T,3,H,W]")
     parser.add_argument("--question", required=True, metavar="TEXT", help="the question about the video")
     parser.add_argument("--compare", action="store_true",
                         help="also decode with vanilla decoding; report the speedup and whether outputs match")
     parser.add_argument("--num-frames", type=int_at_least(0), default=32, metavar="N",
                         help="at most N frames, sampled uniformly; 0 = all (default: 32)")
+    parser.add_argument("--fps", type=_positive_float, default=None, metavar="RATE",
+                        help="frame rate of a folder of images or an .npy array (a video file has its own)")
     parser.add_argument("--gamma", type=gamma_choice, default=9,
                         help="draft tokens per round, or 'auto' to choose each round's from measured step "
                              "times and draft agreement (default: 9)")
@@ -100,8 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", *_DTYPES), default="auto",
                         help="model dtype; auto: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--preprocess", choices=("auto", "processor", "builtin"), default="auto",
-                        help="video preprocessing: the checkpoint's processor, std_ext's built-in Qwen2-VL "
-                             "preprocessing, or auto (the processor, else built-in) (default: auto)")
+                        help="model inputs: the checkpoint's processor, std_ext's built-in Qwen-VL "
+                             "preprocessing, or auto (the processor where it loads, else built-in) (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -122,23 +144,31 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("--question", "the question is empty")
     model_dir = _check_model_dir(args.model)
     config = _load_config(model_dir)
-    architecture = _architecture(config, model_dir)
+    _check_takes_video(config, model_dir)
     device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    if args.fps is not None and is_video_file(args.video):
+        raise CliError("--fps", f"{args.video} is a video file, which carries its own frame rate; --fps is for a "
+                                "folder of images or an .npy array")
     try:
-        frames = load_frames(args.video, args.num_frames)
+        video = load_frames(args.video, args.num_frames, args.fps)
     except FrameLoadError as error:
         raise CliError("--video", str(error)) from None
-    # Inputs are checked before the (slow) model load, so bad input fails fast.
-    prompt = prepare_prompt(model_dir, config, architecture, frames, args.question, args.preprocess)
-    _log(f"loading {architecture} from {model_dir} on {device} ({str(dtype).removeprefix('torch.')})")
-    model = _load_model(model_dir, architecture, device, dtype)
-    std = _generate(model, prompt, args, "std", device, dtype)
+    if video.fps is None:
+        _log("the frame rate is unknown (a folder or an array without --fps); processors that place frames in "
+             "time assume their own default (Qwen2.5-VL, Qwen3-VL: 24 fps)")
+    # Everything that can be checked without the weights is checked before the (slow) load.
+    model_class = _model_class(config, model_dir)
+    _check_supported(model_class, config, model_dir)
+    prompt = prepare_prompt(model_dir, config, video, args.question, args.preprocess)
+    _log(f"loading {model_class.__name__} from {model_dir} on {device} ({str(dtype).removeprefix('torch.')})")
+    model = _load_model(model_class, model_dir, device, dtype)
+    std = _generate(model, prompt, args, "std", device, dtype, model_dir)
     _print_answer(prompt, _new_tokens(std, prompt))
-    print(_format_run(std.stats, prompt, frames, args))
+    print(_format_run(std.stats, prompt, video, args))
     if not args.compare:
         return 0
-    vanilla = _generate(model, prompt, args, "vanilla", device, dtype)
+    vanilla = _generate(model, prompt, args, "vanilla", device, dtype, model_dir)
     return _compare(std, vanilla, prompt)
 
 
@@ -190,18 +220,71 @@ def _load_config(model_dir: Path) -> PreTrainedConfig:
                                   f"{transformers.__version__} can read ({_first_line(error)})") from None
 
 
-def _architecture(config: PreTrainedConfig, model_dir: Path) -> str:
-    """The supported video-LLM class named by ``config.architectures`` (or its model_type)."""
-    named = list(getattr(config, "architectures", None) or [])
-    found = next((name for name in named if name in SUPPORTED_MODELS), None) or _MODEL_TYPES.get(config.model_type)
-    described = ", ".join(named) or f"model_type {config.model_type!r}"
-    if found is None:
-        raise CliError("--model", f"{model_dir}: {described} is not supported; std_ext supports "
-                                  f"{', '.join(SUPPORTED_MODELS)}")
-    if found not in VIDEO_MODELS:
-        raise CliError("--model", f"{model_dir}: {found} is a text-only model; generate needs a video LLM "
-                                  f"({', '.join(VIDEO_MODELS)})")
-    return found
+def _described(config: PreTrainedConfig) -> str:
+    return ", ".join(getattr(config, "architectures", None) or []) or f"model_type {config.model_type!r}"
+
+
+def _placeholder_ids(config: PreTrainedConfig) -> tuple[int, ...]:
+    """The video and image placeholder token ids the config names."""
+    ids: list[int] = []
+    for attr in _PLACEHOLDER_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return tuple(ids)
+
+
+def _check_takes_video(config: PreTrainedConfig, model_dir: Path) -> None:
+    """A model whose config names no visual placeholder token takes no video (a text-only LLM)."""
+    if not _placeholder_ids(config):
+        raise CliError("--model", f"{model_dir}: {_described(config)} is a text-only model (its config names no "
+                                  "video or image placeholder token); generate needs a video LLM")
+
+
+def _model_class(config: PreTrainedConfig, model_dir: Path) -> type:
+    """The class ``transformers`` loads the checkpoint with: AutoModelForImageTextToText's, else
+    AutoModelForCausalLM's, else the class the config's ``architectures`` names."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING):
+        try:
+            return mapping[type(config)]
+        except KeyError:
+            continue
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type):
+            return cls
+    raise CliError("--model", f"{model_dir}: transformers {transformers.__version__} has no model class for "
+                              f"{_described(config)} (neither AutoModelForImageTextToText nor AutoModelForCausalLM "
+                              "knows its config, and no class its config names exists)")
+
+
+def _unsupported_message(model_dir: Path, error: Exception) -> CliError:
+    # The engine's message names itself and its argument; on the command line the argument is --model.
+    message = re.sub(r"^std_ext\.generate: (model: )?", "", str(error))
+    return CliError("--model", f"{model_dir}: {message}")
+
+
+def _check_supported(cls: type, config: PreTrainedConfig, model_dir: Path) -> None:
+    """Refuse, before the weights load, a model std_ext cannot decode exactly.
+
+    ``ModelAdapter.for_model`` reads what it needs (layers, attention modules, config,
+    forward) off a weightless copy on the meta device. Where such a copy cannot be built,
+    the same check runs on the loaded model inside ``std_ext.generate``.
+    """
+    from .models import ModelAdapter, UnsupportedModelError
+
+    try:
+        with torch.device("meta"):
+            skeleton = cls._from_config(copy.deepcopy(config))  # _from_config writes into the config it gets
+    except Exception:  # noqa: BLE001 - any failure only defers the check to the loaded model
+        return
+    try:
+        ModelAdapter.for_model(skeleton)
+    except UnsupportedModelError as error:
+        raise _unsupported_message(model_dir, error) from None
 
 
 def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -210,19 +293,16 @@ def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return _DTYPES[choice]
 
 
-def _load_model(model_dir: Path, architecture: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-
-    cls = getattr(transformers, architecture)
+def _load_model(cls: type, model_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     try:
         model = cls.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        raise CliError("--model", f"{model_dir}: cannot load the {architecture} weights "
+        raise CliError("--model", f"{model_dir}: cannot load the {cls.__name__} weights "
                                   f"({_first_line(error)})") from None
     return model.to(device).eval()
 
 
-# =========================================================================== prompt and video inputs
+# =========================================================================== prompt and model inputs
 
 
 @dataclass
@@ -232,14 +312,15 @@ class PromptInputs:
     Attributes
     ----------
     input_ids : long ``[1, T]``, the video placeholder already expanded to one id per visual token
-    model_inputs : the other model inputs (``pixel_values_videos``, ``video_grid_thw``, ...), on the CPU
-    visual_tokens : how many of the ``T`` prompt tokens are video placeholders
+    model_inputs : every other input the processor returned (``attention_mask``,
+        ``mm_token_type_ids``, ``pixel_values_videos``, ``video_grid_thw``, ...), on the CPU
+    visual_tokens : how many of the ``T`` prompt tokens are visual placeholders
     source : which preprocessing made them, in words
     tokenizer : decodes the answer
     """
 
     input_ids: torch.Tensor
-    model_inputs: dict[str, torch.Tensor]
+    model_inputs: dict
     visual_tokens: int
     source: str
     tokenizer: PreTrainedTokenizerBase
@@ -248,153 +329,232 @@ class PromptInputs:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
 
-def prepare_prompt(model_dir: Path, config: PreTrainedConfig, architecture: str, frames: np.ndarray, question: str,
+def prepare_prompt(model_dir: Path, config: PreTrainedConfig, video: VideoFrames, question: str,
                    preprocess: str = "auto") -> PromptInputs:
-    """Prompt and video inputs through the checkpoint's processor or the built-in Qwen2-VL path.
+    """Prompt and model inputs through the checkpoint's processor, or std_ext's built-in copy of it.
 
     Parameters
     ----------
-    frames : uint8 ``[T, H, W, 3]``
-    preprocess : "auto" (processor, else built-in), "processor" or "builtin"
+    video : the sampled frames and their metadata
+    preprocess : "auto" (the processor where it loads, else built-in), "processor" or "builtin"
     """
-    video_id = int(config.video_token_id)
     reason = ""
-    if preprocess in ("auto", "processor"):
-        try:
-            return _processor_prompt(model_dir, frames, question, video_id)
-        except Exception as error:  # noqa: BLE001 - any failure of the optional HF path means: fall back
-            reason = _processor_failure(error)
-            if preprocess == "processor" or architecture != _QWEN2_VL:
-                raise CliError("--model", _no_processor_message(model_dir, architecture, reason)) from None
-    if architecture != _QWEN2_VL:
-        raise CliError("--preprocess", f"the built-in preprocessing supports {_QWEN2_VL} only, not {architecture}")
-    _log("video inputs: std_ext's built-in Qwen2-VL preprocessing"
+    if preprocess != "builtin":
+        processor, reason = _load_processor(model_dir)
+        if processor is not None:
+            return _processor_prompt(processor, model_dir, config, video, question)
+        if preprocess == "processor":
+            raise CliError("--model", _no_processor_message(model_dir, reason))
+    family, unserved = _builtin_family(model_dir, config)
+    if family is None:
+        if preprocess == "builtin":
+            raise CliError("--preprocess", f"{model_dir}: {unserved}")
+        raise CliError("--model", f"{_no_processor_message(model_dir, reason)}, and {unserved}")
+    _log(f"model inputs: std_ext's built-in {family.processor} preprocessing"
          + (f" (the checkpoint's processor is unavailable: {reason})" if reason else ""))
-    return _builtin_qwen2_vl_prompt(model_dir, config, frames, question, reason)
+    prompt = builtin_prompt(model_dir, config, video, question, family)
+    if reason:
+        prompt.source += f"; the checkpoint's processor is unavailable: {reason}"
+    return prompt
+
+
+def _load_processor(model_dir: Path):
+    """``(processor, "")`` when the checkpoint's processor loads with a video processor, else ``(None, why)``."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    except Exception as error:  # noqa: BLE001 - any failure of the optional processor means: not available
+        return None, _processor_failure(error)
+    if getattr(processor, "video_processor", None) is None:
+        return None, f"{type(processor).__name__} has no video processor"
+    return processor, ""
 
 
 def _processor_failure(error: BaseException) -> str:
-    """Why the processor path failed, in one short line (transformers' messages run long)."""
+    """Why the processor failed to load, in one short line (transformers' messages run long)."""
     text = str(error)
+    missing = re.search(r"requires the (\w+) library but it was not found", text)
+    if missing:
+        return f"it needs {missing.group(1)} (not installed)"
     missing = re.search(r"Missing optional dependencies: ([^.]+)", text)
     if missing:
         return f"it needs {missing.group(1).strip()} (not installed)"
     return _first_line(error, 160)
 
 
-def _no_processor_message(model_dir: Path, architecture: str, reason: str) -> str:
+def _no_processor_message(model_dir: Path, reason: str) -> str:
     lowered = reason.lower()
-    advice = ("install them (pip install pillow torchvision)" if "torchvision" in lowered or "pillow" in lowered
-              else "check the checkpoint's processor files")
-    fallback = "" if architecture == _QWEN2_VL else f"; {architecture} has no built-in fallback"
-    return f"{model_dir}: the checkpoint's processor cannot prepare the video ({reason}); {advice}{fallback}"
+    advice = ("install Pillow and a torchvision built for your torch (pip install pillow torchvision)"
+              if "torchvision" in lowered or "pillow" in lowered else "check the checkpoint's processor files")
+    return f"{model_dir}: the checkpoint's processor cannot load ({reason}); {advice}"
 
 
 def _messages(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
 
 
-def _processor_prompt(model_dir: Path, frames: np.ndarray, question: str, video_id: int) -> PromptInputs:
-    """The real-user path: the checkpoint's own ``AutoProcessor`` (needs Pillow and torchvision)."""
-    import transformers
-
-    processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    if getattr(processor, "video_processor", None) is None:
-        raise ValueError(f"{type(processor).__name__} has no video processor")
-    text = processor.apply_chat_template(_messages(question), tokenize=False, add_generation_prompt=True)
-    # Frames were already sampled by load_frames: the processor must keep every one.
-    batch = processor(text=[text], videos=[frames], return_tensors="pt", do_sample_frames=False)
-    inputs = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+def _processor_prompt(processor, model_dir: Path, config: PreTrainedConfig, video: VideoFrames,
+                      question: str) -> PromptInputs:
+    """The real-user path: the checkpoint's own ``AutoProcessor``."""
+    name = type(processor).__name__
+    # A processor saved without a chat template renders with its tokenizer's, as the fallback does.
+    template = None
+    if not getattr(processor, "chat_template", None):
+        template = getattr(processor.tokenizer, "chat_template", None)
+    try:
+        text = processor.apply_chat_template(_messages(question), chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - jinja and transformers raise many types
+        raise CliError("--model", f"{model_dir}: {name} cannot render the chat prompt ({_first_line(error)})") from None
+    try:
+        # The frames are sampled already (load_frames): the processor keeps every one, and
+        # their metadata places them in time as a processor-loaded video would be.
+        batch = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()],
+                          do_sample_frames=False, return_tensors="pt")
+    except Exception as error:  # noqa: BLE001 - the processor's own checks raise many types
+        raise CliError("--video", f"{name} cannot prepare this video ({_first_line(error)})") from None
+    inputs = {key: value for key, value in batch.items() if key != "video_metadata"}
     input_ids = inputs.pop("input_ids")
-    inputs.pop("attention_mask", None)
-    visual = int((input_ids == video_id).sum())
+    visual = _count_placeholders(input_ids, config)
     if visual == 0:
-        raise ValueError("its prompt holds no video tokens")
+        raise CliError("--model", f"{model_dir}: {name}'s prompt holds no video or image placeholder tokens")
     return PromptInputs(input_ids=input_ids, model_inputs=inputs, visual_tokens=visual,
-                        source=f"the checkpoint's processor ({type(processor).__name__})",
-                        tokenizer=processor.tokenizer)
+                        source=f"the checkpoint's processor ({name})", tokenizer=processor.tokenizer)
 
 
-def _builtin_qwen2_vl_prompt(model_dir: Path, config: PreTrainedConfig, frames: np.ndarray, question: str,
-                             reason: str) -> PromptInputs:
-    """Qwen2-VL without Pillow / torchvision: AutoTokenizer plus :func:`qwen2_vl_video_inputs`."""
-    params, params_file = Qwen2VLVideoParams.from_checkpoint(model_dir, config.vision_config)
-    try:
-        video = qwen2_vl_video_inputs(frames, params)
-    except ValueError as error:
-        raise CliError("--video", str(error)) from None
-    tokenizer = _load_tokenizer(model_dir, int(config.video_token_id))
-    visual = int(video["video_grid_thw"].prod()) // params.merge_size**2
-    input_ids = _expand_video_token(_chat_ids(tokenizer, question), int(config.video_token_id), visual, model_dir)
-    source = f"std_ext's built-in Qwen2-VL preprocessing ({params_file})"
-    if reason:
-        source += f"; the checkpoint's processor is unavailable: {reason}"
-    return PromptInputs(input_ids=input_ids, model_inputs=video, visual_tokens=visual, source=source,
-                        tokenizer=tokenizer)
+def _count_placeholders(input_ids: torch.Tensor, config: PreTrainedConfig) -> int:
+    return int(sum(int((input_ids == token_id).sum()) for token_id in _placeholder_ids(config)))
 
 
-def _load_tokenizer(model_dir: Path, video_id: int) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer; it must spell Qwen2-VL's video placeholder as ``video_id``."""
-    import transformers
+# =========================================================================== built-in Qwen-VL preprocessing
+#
+# A pure-torch copy of what transformers' Qwen-VL processors compute, for machines where
+# they cannot load (their video processors need torchvision). Each family differs only in
+# the two tables below: how its video processor sizes frames, and what its processor
+# writes into the prompt. A comparison test checks every output against the real
+# processors wherever torchvision imports.
 
-    # Without tokenizer files AutoTokenizer quietly builds an empty tokenizer: refuse first.
-    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise CliError("--model", f"{model_dir}: cannot load the tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except Exception as error:  # noqa: BLE001 - tokenizer loading fails in many ways; all mean "no tokenizer"
-        raise CliError("--model", f"{model_dir}: cannot load the tokenizer ({_first_line(error)})") from None
-    found = tokenizer.convert_tokens_to_ids(_VIDEO_TOKEN)
-    if found != video_id:
-        raise CliError("--model", f"{model_dir}: the tokenizer maps {_VIDEO_TOKEN} to {found}, but the model's "
-                                  f"video_token_id is {video_id}")
-    return tokenizer
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
-    """Token ids of the chat prompt (one video placeholder, the question, the generation prompt)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(_messages(question), tokenize=False, add_generation_prompt=True)
-    else:
-        text = _QWEN2_VL_PROMPT.format(question=question)
-    # The chat text already holds every special token; the tokenizer must not add more.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _expand_video_token(ids: list[int], video_id: int, count: int, model_dir: Path) -> torch.Tensor:
-    """long ``[1, T]``: ``ids`` with its single video placeholder repeated ``count`` times."""
-    where = [i for i, token in enumerate(ids) if token == video_id]
-    if len(where) != 1:
-        raise CliError("--model", f"{model_dir}: the chat prompt holds {len(where)} video placeholders "
-                                  f"(token id {video_id}, <|video_pad|>); expected exactly 1 - check the "
-                                  "tokenizer's chat template and special tokens")
-    at = where[0]
-    return torch.tensor([ids[:at] + [video_id] * count + ids[at + 1:]], dtype=torch.long)
-
-
-# =========================================================================== built-in Qwen2-VL preprocessing
-
-# Qwen2-VL video processor defaults, used for keys a checkpoint's config leaves out.
+# Video processor -> its class defaults (transformers 5.x), for keys a checkpoint's config leaves out.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_VIDEO_PROCESSOR_DEFAULTS = {
+    # Qwen2VLVideoProcessor: each frame's area within [min_pixels, max_pixels]
+    "Qwen2VLVideoProcessor": dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=128 * 28 * 28,
+                                  max_pixels=28 * 28 * 768, image_mean=_CLIP_MEAN, image_std=_CLIP_STD,
+                                  max_video_tokens=128000),
+    # Qwen3VLVideoProcessor: the whole video's volume (frames x area) within [min_pixels, max_pixels]
+    "Qwen3VLVideoProcessor": dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=128 * 32 * 32,
+                                  max_pixels=32 * 32 * 768, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                                  max_video_tokens=768),
+}
+# Processor -> what it adds: Qwen2-VL only expands the placeholder; Qwen2.5-VL also returns
+# second_per_grid_ts; Qwen3-VL writes each temporal patch's timestamp before its own
+# vision-start ... vision-end block.
+_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
+# model_type -> (processor, video processor) transformers picks where the checkpoint's files name none.
+_MODEL_TYPES = {
+    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
 _PARAM_FILES = ("processor_config.json", "video_preprocessor_config.json", "preprocessor_config.json")
+_BICUBIC = 3  # PIL's resample code; the only one the Qwen-VL processors use
 
 
 @dataclass(frozen=True)
-class Qwen2VLVideoParams:
-    """What Qwen2-VL's video preprocessing needs (the keys of its preprocessor config).
+class BuiltinFamily:
+    """Which transformers processor the built-in preprocessing reproduces for a checkpoint.
 
-    ``min_pixels`` / ``max_pixels`` bound a resized frame's area (``size.shortest_edge`` /
-    ``size.longest_edge`` in newer configs). With ``cap_pixels_per_frame`` the per-frame
-    bound also shrinks with the frame count, to keep the whole video near
-    ``0.9 * max_video_tokens`` tokens.
+    ``processor`` (Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor) decides the
+    prompt's placeholders; ``video_processor`` (Qwen2VLVideoProcessor or
+    Qwen3VLVideoProcessor) the pixels.
     """
 
+    processor: str
+    video_processor: str
+
+
+def builtin_family(model_dir: Path, config: PreTrainedConfig) -> BuiltinFamily:
+    """The processor classes ``AutoProcessor`` would pick for the checkpoint, if the built-in path serves them.
+
+    The names come from where transformers reads them -- ``processor_class`` in the
+    processor, preprocessor or tokenizer config; ``video_processor_type`` (or the
+    matching ``image_processor_type``) in the video preprocessing parameters -- and
+    otherwise from the model type. Raises :class:`CliError` naming what is not served.
+    """
+    family, unserved = _builtin_family(model_dir, config)
+    if family is None:
+        raise CliError("--model", f"{model_dir}: {unserved}")
+    return family
+
+
+def _builtin_family(model_dir: Path, config: PreTrainedConfig) -> tuple[BuiltinFamily | None, str]:
+    """``(family, "")``, or ``(None, why the built-in preprocessing does not serve the checkpoint)``."""
+    files = {name: _read_json(model_dir / name) for name in (*_PARAM_FILES, "tokenizer_config.json")}
+    params, _ = _video_params_dict(model_dir, required=False)
+    defaults = _MODEL_TYPES.get(config.model_type, (None, None))
+    processor = next((values["processor_class"] for values in
+                      (files["processor_config.json"], files["preprocessor_config.json"],
+                       files["video_preprocessor_config.json"], files["tokenizer_config.json"])
+                      if isinstance(values.get("processor_class"), str)), defaults[0])
+    video_processor = params.get("video_processor_type")
+    if not isinstance(video_processor, str):
+        inferred = str(params.get("image_processor_type", "")).replace("ImageProcessor", "VideoProcessor")
+        video_processor = inferred if inferred in _VIDEO_PROCESSOR_DEFAULTS else defaults[1]
+    served = (f"it serves {', '.join(_PROCESSORS)} with {' or '.join(_VIDEO_PROCESSOR_DEFAULTS)} "
+              "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+    if processor not in _PROCESSORS or video_processor not in _VIDEO_PROCESSOR_DEFAULTS:
+        uses = f"{processor or 'an unknown processor'} with {video_processor or 'an unknown video processor'}"
+        return None, (f"std_ext's built-in preprocessing does not reproduce {uses} ({_described(config)}); "
+                      f"{served}")
+    return BuiltinFamily(processor=processor, video_processor=video_processor), ""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CliError("--model", f"{path}: not readable JSON ({error})") from None
+    return values if isinstance(values, dict) else {}
+
+
+def _video_params_dict(model_dir: Path, required: bool = True) -> tuple[dict, str]:
+    """The video processor's parameters and their file, where transformers looks:
+    ``processor_config.json``'s ``video_processor`` entry, then
+    ``video_preprocessor_config.json``, then ``preprocessor_config.json``."""
+    for name in _PARAM_FILES:
+        values = _read_json(model_dir / name)
+        if name == "processor_config.json":
+            values = values.get("video_processor")  # the nested v5 layout, else the separate files
+        if isinstance(values, dict) and (model_dir / name).is_file():
+            return values, name
+    if required:
+        raise CliError("--model", f"{model_dir}: no video preprocessing parameters "
+                                  f"({', '.join(_PARAM_FILES[1:])}); the checkpoint is incomplete")
+    return {}, ""
+
+
+@dataclass(frozen=True)
+class QwenVideoParams:
+    """What a Qwen-VL video processor needs, with the meaning its class gives each key.
+
+    ``min_pixels`` / ``max_pixels`` are the config's ``size.shortest_edge`` /
+    ``size.longest_edge`` (Qwen2-VL's top-level ``min_pixels`` / ``max_pixels`` override
+    them): the bounds of one frame's area for Qwen2VLVideoProcessor, of the whole video's
+    volume (frames x area) for Qwen3VLVideoProcessor. ``cap_pixels_per_frame`` tightens
+    them with the frame count as each class does (``max_video_tokens`` is its budget).
+    """
+
+    video_processor: str = "Qwen2VLVideoProcessor"
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
     min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 768 * 28 * 28
+    max_pixels: int = 28 * 28 * 768
     image_mean: tuple[float, ...] = _CLIP_MEAN
     image_std: tuple[float, ...] = _CLIP_STD
     rescale_factor: float = 1 / 255
@@ -405,29 +565,49 @@ class Qwen2VLVideoParams:
     max_video_tokens: int = 128000
 
     @classmethod
-    def from_dict(cls, values: dict) -> Qwen2VLVideoParams:
-        """From a preprocessor-config dict; unknown keys are ignored, missing ones take the defaults."""
-        size = values.get("size") or {}
-        min_pixels = values.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or cls.min_pixels
-        max_pixels = values.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or cls.max_pixels
-        fields = {name: values[name] for name in cls.__dataclass_fields__ if values.get(name) is not None}
-        fields.update(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+    def from_dict(cls, values: dict, video_processor: str = "Qwen2VLVideoProcessor") -> QwenVideoParams:
+        """From a preprocessor-config dict, the class defaults of ``video_processor`` filling the rest.
+
+        Raises ``ValueError`` for a setting the built-in path does not reproduce (a
+        resampling filter other than bicubic, a size without both bounds).
+        """
+        if video_processor not in _VIDEO_PROCESSOR_DEFAULTS:
+            raise ValueError(f"unknown video processor {video_processor!r}; expected one of "
+                             f"{', '.join(_VIDEO_PROCESSOR_DEFAULTS)}")
+        defaults = _VIDEO_PROCESSOR_DEFAULTS[video_processor]
+        resample = values.get("resample")
+        if resample is not None and resample != _BICUBIC:
+            raise ValueError(f"resample {resample!r}: the built-in preprocessing resamples bicubic ({_BICUBIC}) only")
+        size = values.get("size")
+        size = dict(size) if isinstance(size, dict) else {"shortest_edge": defaults["min_pixels"],
+                                                          "longest_edge": defaults["max_pixels"]}
+        if video_processor == "Qwen2VLVideoProcessor":  # its __init__ lets these override size
+            for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+                if values.get(key) is not None:
+                    size[edge] = values[key]
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ValueError(f"size {size} needs both shortest_edge and longest_edge (pixel bounds)")
+        fields = {**defaults, **{name: values[name] for name in cls.__dataclass_fields__
+                                 if name not in ("video_processor", "min_pixels", "max_pixels")
+                                 and values.get(name) is not None}}
+        fields.update(video_processor=video_processor, min_pixels=int(size["shortest_edge"]),
+                      max_pixels=int(size["longest_edge"]))
         for name in ("image_mean", "image_std"):
-            if name in fields:
-                value = fields[name]
-                fields[name] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
+            value = fields[name]
+            fields[name] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
         return cls(**fields)
 
     @classmethod
-    def from_checkpoint(cls, model_dir: Path, vision_config: PreTrainedConfig) -> tuple[Qwen2VLVideoParams, str]:
+    def from_checkpoint(cls, model_dir: Path, vision_config, video_processor: str) -> tuple[QwenVideoParams, str]:
         """The checkpoint's video preprocessing parameters and the file they came from.
 
-        Looks where ``transformers`` does: ``processor_config.json``'s ``video_processor``
-        entry, then ``video_preprocessor_config.json``, then ``preprocessor_config.json``.
         The patch sizes must agree with the vision tower's config.
         """
-        values, name = _read_param_file(model_dir)
-        params = cls.from_dict(values)
+        values, name = _video_params_dict(model_dir)
+        try:
+            params = cls.from_dict(values, video_processor)
+        except ValueError as error:
+            raise CliError("--model", f"{model_dir / name}: {error}") from None
         expected = {
             "patch_size": getattr(vision_config, "patch_size", params.patch_size),
             "temporal_patch_size": getattr(vision_config, "temporal_patch_size", params.temporal_patch_size),
@@ -438,24 +618,6 @@ class Qwen2VLVideoParams:
                 raise CliError("--model", f"{model_dir}: {name} has {key} {getattr(params, key)} but the vision "
                                           f"tower's config has {want}")
         return params, name
-
-
-def _read_param_file(model_dir: Path) -> tuple[dict, str]:
-    for name in _PARAM_FILES:
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise CliError("--model", f"{path}: not readable JSON ({error})") from None
-        if name == "processor_config.json":
-            if not isinstance(values.get("video_processor"), dict):
-                continue  # not the nested v5 layout: the separate files hold the parameters
-            values = values["video_processor"]
-        return values, name
-    raise CliError("--model", f"{model_dir}: no video preprocessing parameters "
-                              f"({', '.join(_PARAM_FILES[1:])}); the checkpoint is incomplete")
 
 
 def qwen2_vl_resized_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -480,8 +642,36 @@ def qwen2_vl_resized_size(height: int, width: int, factor: int, min_pixels: int,
     return new_h, new_w
 
 
-def qwen2_vl_video_inputs(frames: np.ndarray | torch.Tensor, params: Qwen2VLVideoParams) -> dict[str, torch.Tensor]:
-    """Qwen2-VL's video inputs from uint8 RGB frames, in pure torch (CPU).
+def qwen3_vl_resized_size(frames: int, height: int, width: int, temporal: int, factor: int, min_pixels: int,
+                          max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's target frame size: sides multiples of ``factor``, the video's volume in ``[min_pixels, max_pixels]``.
+
+    As Qwen2-VL's rule, but the bounds apply to ``frames`` (rounded to a multiple of
+    ``temporal``) times the area, and a side shorter than ``factor`` is first scaled up
+    (both sides, truncated) until it is not. A video needs at least ``temporal`` frames.
+    """
+    if frames < temporal:
+        raise ValueError(f"{frames} frame(s): Qwen3-VL's video processor needs at least {temporal} (its temporal "
+                         "patch size); use more frames")
+    if height < factor or width < factor:
+        grow = max(factor / height, factor / width)
+        height, width = int(height * grow), int(width * grow)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"frames of {height}x{width} pixels: the aspect ratio must be at most 200")
+    new_h, new_w = round(height / factor) * factor, round(width / factor) * factor
+    volume_frames = round(frames / temporal) * temporal
+    if volume_frames * new_h * new_w > max_pixels:
+        shrink = math.sqrt(frames * height * width / max_pixels)
+        new_h = max(factor, math.floor(height / shrink / factor) * factor)
+        new_w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif volume_frames * new_h * new_w < min_pixels:
+        grow = math.sqrt(min_pixels / (frames * height * width))
+        new_h, new_w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
+    return new_h, new_w
+
+
+def qwen_video_inputs(frames: np.ndarray | torch.Tensor, params: QwenVideoParams) -> dict[str, torch.Tensor]:
+    """A Qwen-VL video processor's outputs from uint8 RGB frames, in pure torch (CPU).
 
     Parameters
     ----------
@@ -500,54 +690,69 @@ def qwen2_vl_video_inputs(frames: np.ndarray | torch.Tensor, params: Qwen2VLVide
     if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}")
     video = video.permute(0, 3, 1, 2)  # [T, 3, H, W]
-    factor = params.patch_size * params.merge_size
-    video = _resize(video, params, factor)
+    video = _resize(video, params, params.patch_size * params.merge_size)
     pixels = _rescale_normalize(video, params)
     patches, grid = _patchify(pixels, params.patch_size, params.temporal_patch_size, params.merge_size)
     return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.long)}
 
 
-def _resize(video: torch.Tensor, params: Qwen2VLVideoParams, factor: int) -> torch.Tensor:
+def _target_size(video: torch.Tensor, params: QwenVideoParams, factor: int) -> tuple[int, int]:
+    """Each video processor's ``resize``: its pixel bounds, its cap, its rounding rule."""
+    frames, (height, width) = video.shape[0], video.shape[-2:]
+    temporal = params.temporal_patch_size
+    if params.video_processor == "Qwen3VLVideoProcessor":
+        max_pixels = params.max_pixels
+        if params.cap_pixels_per_frame:
+            # each frame at most max_video_tokens patches, or an even share of the budget
+            per_frame = max(min(params.max_video_tokens * factor * factor, params.max_pixels // frames),
+                            int(params.min_pixels * 1.05))
+            max_pixels = per_frame * frames
+        return qwen3_vl_resized_size(frames, height, width, temporal, factor, params.min_pixels, max_pixels)
+    max_pixels = params.max_pixels
+    if params.cap_pixels_per_frame:
+        # an even share of the whole video's pixel budget, but not far below min_pixels
+        video_pixels = int(params.max_video_tokens * factor * factor * 0.9)
+        max_pixels = max(min(max_pixels, video_pixels * temporal // frames), int(params.min_pixels * 1.05))
+    return qwen2_vl_resized_size(height, width, factor, params.min_pixels, max_pixels)
+
+
+def _resize(video: torch.Tensor, params: QwenVideoParams, factor: int) -> torch.Tensor:
     """uint8 ``[T, 3, H', W']``, both sides multiples of ``factor`` (bicubic, antialiased)."""
     height, width = video.shape[-2:]
     if not params.do_resize:
         if height % factor or width % factor:
             raise ValueError(f"frames of {height}x{width} pixels: the checkpoint turns resizing off (do_resize) "
                              f"but both sides must be multiples of {factor}")
+        if params.video_processor == "Qwen3VLVideoProcessor" and video.shape[0] < params.temporal_patch_size:
+            raise ValueError(f"{video.shape[0]} frame(s): Qwen3-VL needs at least {params.temporal_patch_size}")
         return video
-    max_pixels = params.max_pixels
-    if params.cap_pixels_per_frame:
-        # An even share of the whole video's pixel budget, but not far below min_pixels.
-        video_pixels = int(params.max_video_tokens * factor * factor * 0.9)
-        share = video_pixels * params.temporal_patch_size // video.shape[0]
-        max_pixels = max(min(max_pixels, share), int(params.min_pixels * 1.05))
-    size = qwen2_vl_resized_size(height, width, factor, params.min_pixels, max_pixels)
+    size = _target_size(video, params, factor)
     if size == (height, width):
-        return video  # a same-size bicubic resample is the identity
-    # torch resamples uint8 natively on the CPU (rounded and saturated), as transformers'
-    # torchvision path does there.
+        return video  # torchvision returns a same-size image untouched
+    # torch resamples uint8 natively on the CPU (rounded and saturated), which is what
+    # torchvision's resize, and so transformers' processors, do there.
     return torch.nn.functional.interpolate(video.contiguous(), size=size, mode="bicubic", align_corners=False,
                                            antialias=True)
 
 
-def _rescale_normalize(video: torch.Tensor, params: Qwen2VLVideoParams) -> torch.Tensor:
-    """float32 pixels: ``(x - mean/r) / (std/r)`` for uint8 ``x`` and rescale factor ``r``.
+def _rescale_normalize(video: torch.Tensor, params: QwenVideoParams) -> torch.Tensor:
+    """Pixels as the processors compute them: ``(x - mean/r) / (std/r)`` for uint8 ``x`` and rescale factor ``r``.
 
     Rescaling is folded into the normalization (one subtraction and one division per
-    value, in float32), the same arithmetic as transformers' fused path.
+    value, in float32), the same arithmetic as transformers' fused path; without
+    normalization, ``x * r``; with neither, the uint8 values themselves, as there.
     """
-    pixels = video.to(torch.float32)
     if params.do_normalize:
         mean = torch.tensor(params.image_mean, dtype=torch.float32)
         std = torch.tensor(params.image_std, dtype=torch.float32)
         if params.do_rescale:
             mean, std = mean * (1.0 / params.rescale_factor), std * (1.0 / params.rescale_factor)
-        return (pixels - mean[:, None, None]) / std[:, None, None]
-    return pixels * params.rescale_factor if params.do_rescale else pixels
+        return (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+    return video * params.rescale_factor if params.do_rescale else video
 
 
 def _patchify(pixels: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
-    """Flatten ``[T, C, H, W]`` into Qwen2-VL's patch rows ``[t*h*w, C*temporal*patch*patch]``.
+    """Flatten ``[T, C, H, W]`` into Qwen-VL's patch rows ``[t*h*w, C*temporal*patch*patch]``.
 
     Rows run over (time, merge-block row, merge-block column, row in block, column in
     block), so each ``merge x merge`` group of patches that becomes one LLM token is
@@ -567,26 +772,177 @@ def _patchify(pixels: torch.Tensor, patch: int, temporal: int, merge: int) -> tu
     return flat, [grid_t, grid_h, grid_w]
 
 
+@dataclass(frozen=True)
+class _Placeholders:
+    """The prompt's special tokens as the Qwen-VL processors spell them (the tokenizer may override)."""
+
+    video: str
+    video_id: int
+    image_id: int
+    vision_start: str
+    vision_end: str
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Placeholders:
+        def token(name: str, default: str) -> str:
+            return getattr(tokenizer, name) if hasattr(tokenizer, name) else default
+
+        def token_id(name: str, text: str) -> int:
+            return getattr(tokenizer, f"{name}_id", None) or tokenizer.convert_tokens_to_ids(text)
+
+        video, image = token("video_token", "<|video_pad|>"), token("image_token", "<|image_pad|>")
+        return cls(video=video, video_id=token_id("video_token", video), image_id=token_id("image_token", image),
+                   vision_start=token("vision_start_token", "<|vision_start|>"),
+                   vision_end=token("vision_end_token", "<|vision_end|>"))
+
+
+def builtin_prompt(model_dir: Path, config: PreTrainedConfig, video: VideoFrames, question: str,
+                   family: BuiltinFamily | None = None) -> PromptInputs:
+    """What ``family``'s processor returns for the chat prompt and ``video``, without loading it.
+
+    The outputs are the processor's, key for key: ``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids`` (0 text, 1 image, 2 video), ``pixel_values_videos``,
+    ``video_grid_thw``, and for Qwen2.5-VL ``second_per_grid_ts``.
+    """
+    family = family or builtin_family(model_dir, config)
+    params, params_file = QwenVideoParams.from_checkpoint(model_dir, config.vision_config, family.video_processor)
+    try:
+        pixels = qwen_video_inputs(video.frames, params)
+    except ValueError as error:
+        raise CliError("--video", str(error)) from None
+    tokenizer = _load_tokenizer(model_dir)
+    marks = _Placeholders.of(tokenizer)
+    if marks.video_id != int(config.video_token_id):
+        raise CliError("--model", f"{model_dir}: the tokenizer maps {marks.video} to {marks.video_id}, but the "
+                                  f"model's video_token_id is {config.video_token_id}")
+    text = _chat_text(model_dir, tokenizer, question)
+    if text.count(marks.video) != 1:
+        raise CliError("--model", f"{model_dir}: the chat prompt holds {text.count(marks.video)} video placeholders "
+                                  f"({marks.video}); expected exactly 1 - check the chat template")
+    metadata = video.metadata()
+    grid = pixels["video_grid_thw"][0].tolist()
+    text = text.replace(marks.video, _video_replacement(family, grid, metadata, params, marks), 1)
+    # Qwen3-VL's processor asks its tokenizer for no token_type_ids; the others take its defaults.
+    text_kwargs = {"return_token_type_ids": False} if family.processor == "Qwen3VLProcessor" else {}
+    encoded = tokenizer([text], return_tensors="pt", **text_kwargs)
+    input_ids = encoded["input_ids"].to(torch.long)
+    visual = int((input_ids == marks.video_id).sum())
+    expected = grid[0] * grid[1] * grid[2] // params.merge_size**2
+    if visual != expected:
+        raise CliError("--model", f"{model_dir}: the tokenizer splits the prompt into {visual} {marks.video} "
+                                  f"tokens, expected {expected}; {marks.video} must be a single special token")
+    inputs = {key: value for key, value in encoded.items() if key != "input_ids"}
+    types = torch.zeros_like(input_ids)
+    types[input_ids == marks.image_id] = 1
+    types[input_ids == marks.video_id] = 2
+    inputs["mm_token_type_ids"] = types
+    inputs.update(pixels)
+    if family.processor == "Qwen2_5_VLProcessor":
+        from transformers.video_utils import VideoMetadata
+
+        # seconds per temporal patch at the rate the frames were sampled (transformers' own
+        # sampled_fps: 24 when the source rate is unknown)
+        sampled_fps = VideoMetadata(**metadata).sampled_fps
+        inputs["second_per_grid_ts"] = torch.tensor([params.temporal_patch_size / sampled_fps])
+    source = f"std_ext's built-in {family.processor} preprocessing ({params_file})"
+    return PromptInputs(input_ids=input_ids, model_inputs=inputs, visual_tokens=visual, source=source,
+                        tokenizer=tokenizer)
+
+
+def _video_replacement(family: BuiltinFamily, grid: list[int], metadata: dict, params: QwenVideoParams,
+                       marks: _Placeholders) -> str:
+    """The text the processor puts in place of the prompt's single video placeholder."""
+    per_frame = grid[1] * grid[2] // params.merge_size**2
+    if family.processor != "Qwen3VLProcessor":
+        return marks.video * (grid[0] * per_frame)
+    # Qwen3-VL: each temporal patch gets "<t seconds>" then its own vision block; t is the
+    # mean time of the patch's first and last frame (the last frame repeated to fill it).
+    fps = metadata["fps"] or 24  # the processor's assumption when the rate is unknown
+    indices = list(metadata["frames_indices"])
+    indices += [indices[-1]] * (-len(indices) % params.temporal_patch_size)
+    times = [index / fps for index in indices]
+    step = params.temporal_patch_size
+    stamps = [(times[i] + times[i + step - 1]) / 2 for i in range(0, len(times), step)]
+    return "".join(f"<{stamps[t]:.1f} seconds>{marks.vision_start}{marks.video * per_frame}{marks.vision_end}"
+                   for t in range(grid[0]))
+
+
+def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    import transformers
+
+    # Without tokenizer files AutoTokenizer quietly builds an empty tokenizer: refuse first.
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise CliError("--model", f"{model_dir}: cannot load the tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception as error:  # noqa: BLE001 - tokenizer loading fails in many ways; all mean "no tokenizer"
+        raise CliError("--model", f"{model_dir}: cannot load the tokenizer ({_first_line(error)})") from None
+
+
+def _chat_template(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template the processor renders with: ``processor_config.json``'s, ``chat_template.json``'s,
+    ``chat_template.jinja``, else the tokenizer's own."""
+    template = _read_json(model_dir / "processor_config.json").get("chat_template")
+    template = template or _read_json(model_dir / "chat_template.json").get("chat_template")
+    if not template and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    template = template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str) or not template:
+        raise CliError("--model", f"{model_dir}: the checkpoint has no chat template (chat_template.jinja, "
+                                  "chat_template.json or the tokenizer's), which its processor would need too")
+    return template
+
+
+def _chat_text(model_dir: Path, tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The chat prompt (one video placeholder, the question, the generation prompt) as text."""
+    try:
+        return tokenizer.apply_chat_template(_messages(question), chat_template=_chat_template(model_dir, tokenizer),
+                                             tokenize=False, add_generation_prompt=True)
+    except CliError:
+        raise
+    except Exception as error:  # noqa: BLE001 - jinja raises many types
+        raise CliError("--model", f"{model_dir}: cannot render the chat template ({_first_line(error)})") from None
+
+
 # =========================================================================== generation and report
 
 
 def _generate(model: torch.nn.Module, prompt: PromptInputs, args: argparse.Namespace, mode: str,
-              device: torch.device, dtype: torch.dtype) -> GenerationOutput:
+              device: torch.device, dtype: torch.dtype, model_dir: Path) -> GenerationOutput:
     import std_ext
 
     _log(f"decoding ({mode})")
-    inputs = {key: _to_model(value, device, dtype) for key, value in prompt.model_inputs.items()}
+    inputs = {key: _to_model(key, value, device, dtype) for key, value in prompt.model_inputs.items()}
     try:
         return std_ext.generate(
             model, prompt.input_ids.to(device), mode=mode, gamma=args.gamma, budget=args.budget,
-            max_new_tokens=args.max_new_tokens, selection=args.selection, progress=not args.no_progress, **inputs,
+            max_new_tokens=args.max_new_tokens, selection=args.selection, progress=not args.no_progress,
+            do_sample=False, **inputs,
         )
+    except std_ext.UnsupportedModelError as error:
+        raise _unsupported_message(model_dir, error) from None
     except ValueError as error:
         raise CliError("", str(error)) from None
+    except TypeError as error:
+        if not str(error).startswith("std_ext.generate"):
+            raise
+        hint = (f"; here, edit {model_dir / 'generation_config.json'}" if "is not implemented" in str(error) else "")
+        raise CliError("--model", f"{model_dir}: {error}{hint}") from None
 
 
-def _to_model(value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+def _to_model(key: str, value, device: torch.device, dtype: torch.dtype):
+    """Each input on the model's device; pixels also in the model's dtype.
+
+    Only pixels are cast: a vision tower casts them to its dtype itself, while values such
+    as ``second_per_grid_ts`` must reach the model as the processor made them.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key.startswith("pixel_values") and value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
 
 
 def _new_tokens(output: GenerationOutput, prompt: PromptInputs) -> list[int]:
@@ -600,12 +956,17 @@ def _decode_rate(stats: GenerationStats) -> float | None:
     return tokens / stats.decode_s if tokens > 0 and stats.decode_s > 0 else None
 
 
-def _format_run(stats: GenerationStats, prompt: PromptInputs, frames: np.ndarray, args: argparse.Namespace) -> str:
-    t, h, w = frames.shape[:3]
+def _format_frames(video: VideoFrames) -> str:
+    t, h, w = video.frames.shape[:3]
+    rate = f"{video.fps:g} fps" if video.fps else "frame rate unknown"
+    return f"{t} x {h}x{w} of {video.total_frames} ({video.kind}, {rate})"
+
+
+def _format_run(stats: GenerationStats, prompt: PromptInputs, video: VideoFrames, args: argparse.Namespace) -> str:
     lines = [
         f"Sparse-to-Dense decoding (gamma={args.gamma}, budget={args.budget}, selection={args.selection}):",
-        f"  video inputs     {prompt.source}",
-        f"  frames           {t} x {h}x{w}",
+        f"  model inputs     {prompt.source}",
+        f"  frames           {_format_frames(video)}",
         f"  prompt tokens    {prompt.input_ids.shape[1]}",
         f"  visual tokens    {prompt.visual_tokens}",
         f"  keep size        {stats.keep_size:.1f} positions per KV head",

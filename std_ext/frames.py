@@ -1,26 +1,23 @@
-"""Video frames from disk, as one uint8 array ``[T, H, W, 3]`` (RGB).
+"""Video frames for ``std_ext generate``: a video file, a folder of images, or an ``.npy`` array.
 
-Three sources, picked by what ``path`` is:
+* **Video file** (``.mp4``, ``.avi``, ``.mkv``, ``.webm``, ``.mov``): decoded by
+  ``transformers``' own loader, ``transformers.video_utils.load_video(..., backend="pyav")``,
+  which needs PyAV (``pip install av``; it ships wheels with FFmpeg inside). Only the
+  sampled frames are converted to RGB. The frame rate is read from the file.
+* **Folder of images** (``.png``, ``.jpg``, ...; needs Pillow): one frame per image, in
+  natural order (``frame_2`` before ``frame_10``); all images must have one size.
+* **.npy array**: uint8 ``[T, H, W, 3]`` or ``[T, 3, H, W]``, or floats in ``[0, 1]`` or
+  ``[0, 255]`` (rounded to uint8).
 
-* a **folder of images** (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.webp``, ``.tif``,
-  ``.tiff``): one frame per file, in name order with digit runs compared as numbers
-  (``frame_2.png`` before ``frame_10.png``); every image must have the same size.
-  Decoding needs Pillow, imported only here.
-* an **.npy array** (read without pickles), in one of two layouts:
+A folder or an array carries no frame rate; pass ``fps`` when it is known, since
+Qwen2.5-VL and Qwen3-VL place frames in time with it (their processors assume 24 fps when
+it is unknown).
 
-  - ``[T, H, W, 3]`` (channels last), or ``[T, 3, H, W]`` (channels first; used only
-    when the last axis is not 3, so ``[T, 3, H, 3]`` reads as channels last);
-  - dtype ``uint8`` (taken as is), or floating point: values in ``[0, 1]`` (the largest
-    value is <= 1) are scaled by 255, values in ``[0, 255]`` are taken as is; either way
-    they are rounded to uint8. NaN, negative or > 255 values, other dtypes (int16,
-    bool, ...), and other shapes are errors.
-* a **video file** (``.mp4``, ``.avi``, ``.mkv``, ``.webm``, ``.mov``), decoded with the
-  first of PyAV (``av``), ``decord``, OpenCV (``cv2``) and ``torchvision.io`` that is
-  installed. None of them is a dependency of std_ext.
-
-``num_frames`` keeps at most that many frames, sampled uniformly over the whole clip
-(``round(linspace(0, T - 1, n))``: the first and last frames are always kept); only the
-chosen images / video frames are decoded where the source allows it.
+``num_frames`` keeps at most that many frames spread uniformly over the whole clip,
+``round(linspace(0, T - 1, n))`` -- the rule Qwen3-VL's video processor samples by; the
+first and last frames are always kept. The result also says which source frames were
+kept, out of how many, at what rate: what ``transformers`` processors take as
+``video_metadata`` (:meth:`VideoFrames.metadata`).
 
 Every problem with the input raises :class:`FrameLoadError` (a ``ValueError``) whose
 message names the path and says what to do, so a command line can show it as is.
@@ -30,61 +27,107 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FrameLoadError", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_DECODERS", "load_frames", "sample_indices"]
+__all__ = [
+    "FrameLoadError",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "VideoFrames",
+    "is_video_file",
+    "load_frames",
+    "sample_indices",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-# (module imported, pip package) in the order they are tried.
-VIDEO_DECODERS = (("av", "av"), ("decord", "decord"), ("cv2", "opencv-python"), ("torchvision.io", "torchvision"))
 
 
 class FrameLoadError(ValueError):
     """The frames could not be loaded; the message says why and what to do."""
 
 
-def load_frames(path: str | Path, num_frames: int | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class VideoFrames:
+    """Frames sampled from one video, and where they came from.
+
+    Attributes
+    ----------
+    frames : uint8 ``[T, H, W, 3]``, C-contiguous, ``T >= 1``
+    indices : int64 ``[T]``, ascending: the position of each frame in the source
+    total_frames : how many frames the source holds
+    fps : the source's frame rate, None when unknown (a folder or an array without ``fps``)
+    kind : "video file", "image folder" or ".npy array"
+    """
+
+    frames: np.ndarray
+    indices: np.ndarray
+    total_frames: int
+    fps: float | None
+    kind: str
+
+    def metadata(self) -> dict:
+        """The frames' ``video_metadata`` as ``transformers`` processors take it (VideoMetadata fields)."""
+        return {
+            "total_num_frames": self.total_frames,
+            "fps": self.fps,
+            "duration": self.total_frames / self.fps if self.fps else None,
+            "frames_indices": self.indices.tolist(),
+            "height": int(self.frames.shape[1]),
+            "width": int(self.frames.shape[2]),
+        }
+
+
+def is_video_file(path: str | Path) -> bool:
+    """Whether ``path`` names a video file (by its extension) rather than a folder or an array."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS and not Path(path).is_dir()
+
+
+def load_frames(path: str | Path, num_frames: int | None = None, fps: float | None = None) -> VideoFrames:
     """Load a video as RGB frames.
 
     Parameters
     ----------
     path : a folder of images, an ``.npy`` file or a video file (see the module docstring)
     num_frames : keep at most this many frames, sampled uniformly; ``None`` or 0 keeps all
-
-    Returns
-    -------
-    np.ndarray
-        uint8 ``[T, H, W, 3]``, C-contiguous, ``T >= 1``.
+    fps : the frame rate of a folder or an array (a video file's own is read from it)
 
     Raises
     ------
     FrameLoadError
         The path is missing or of an unknown kind, holds no frames, has a bad shape or
-        dtype, or needs a decoder package that is not installed.
+        dtype, needs a package that is not installed, or cannot be decoded.
     """
     if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 0):
         raise FrameLoadError(f"num_frames must be an integer >= 0 (0 = all frames), got {num_frames!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf")):
+        raise FrameLoadError(f"fps must be a positive number, got {fps!r}")
     limit = num_frames or None
     path = Path(path)
     if not path.exists():
         raise FrameLoadError(f"{path}: no such file or folder")
+    if is_video_file(path) and fps is not None:
+        raise FrameLoadError(f"{path}: a video file carries its own frame rate; fps is for image folders and "
+                             ".npy arrays")
     if path.is_dir():
-        frames = _load_image_folder(path, limit)
-    elif path.suffix.lower() == ".npy":
-        frames = _sample(_load_npy(path), limit)
-    elif path.suffix.lower() in VIDEO_EXTENSIONS:
-        frames = _load_video(path, limit)
-    else:
-        raise FrameLoadError(
-            f"{path}: unknown kind of video input {path.suffix or '(no extension)'!r}; give a folder of images "
-            f"({', '.join(IMAGE_EXTENSIONS)}), an .npy array [T, H, W, 3], or a video file "
-            f"({', '.join(VIDEO_EXTENSIONS)})"
-        )
-    return np.ascontiguousarray(frames)
+        files = _image_files(path)
+        indices = sample_indices(len(files), limit)
+        frames = _read_images(path, [files[i] for i in indices])
+        return _result(frames, indices, len(files), fps, "image folder")
+    if path.suffix.lower() == ".npy":
+        array = _load_npy(path)
+        indices = sample_indices(array.shape[0], limit)
+        return _result(array[indices], indices, array.shape[0], fps, ".npy array")
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return _load_video_file(path, limit)
+    raise FrameLoadError(
+        f"{path}: unknown kind of video input {path.suffix or '(no extension)'!r}; give a folder of images "
+        f"({', '.join(IMAGE_EXTENSIONS)}), an .npy array [T, H, W, 3], or a video file "
+        f"({', '.join(VIDEO_EXTENSIONS)})"
+    )
 
 
 def sample_indices(total: int, num_frames: int | None) -> np.ndarray:
@@ -99,8 +142,9 @@ def sample_indices(total: int, num_frames: int | None) -> np.ndarray:
     return np.rint(np.linspace(0, total - 1, num_frames)).astype(np.int64)
 
 
-def _sample(frames: np.ndarray, limit: int | None) -> np.ndarray:
-    return frames[sample_indices(frames.shape[0], limit)]
+def _result(frames: np.ndarray, indices: np.ndarray, total: int, fps: float | None, kind: str) -> VideoFrames:
+    return VideoFrames(frames=np.ascontiguousarray(frames), indices=np.asarray(indices, dtype=np.int64),
+                       total_frames=int(total), fps=None if fps is None else float(fps), kind=kind)
 
 
 # --------------------------------------------------------------------------- .npy
@@ -157,29 +201,28 @@ def _natural_key(path: Path) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name) if part]
 
 
-def _load_image_folder(folder: Path, limit: int | None) -> np.ndarray:
+def _image_files(folder: Path) -> list[Path]:
     files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
                    key=_natural_key)
     if not files:
         raise FrameLoadError(f"{folder}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    image_module = _import_pillow(folder)
-    chosen = [files[i] for i in sample_indices(len(files), limit)]
-    frames = [_read_image(image_module, file) for file in chosen]
-    sizes = {frame.shape for frame in frames}
-    if len(sizes) > 1:
-        shapes = ", ".join(f"{f.name}: {h}x{w}" for f, (h, w, _) in zip(chosen, (fr.shape for fr in frames)))
-        raise FrameLoadError(f"{folder}: the images differ in size (height x width: {shapes}); resize them to one size")
-    return np.stack(frames)
+    return files
 
 
-def _import_pillow(folder: Path):
+def _read_images(folder: Path, files: list[Path]) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` from the chosen image files (only those are decoded)."""
     try:
-        return importlib.import_module("PIL.Image")
+        image_module = importlib.import_module("PIL.Image")
     except ImportError as error:
         raise FrameLoadError(
             f"{folder}: decoding images needs Pillow, which is not installed: `pip install pillow`, "
             "or save the frames as an .npy array [T, H, W, 3] uint8"
         ) from error
+    frames = [_read_image(image_module, file) for file in files]
+    if len({frame.shape for frame in frames}) > 1:
+        shapes = ", ".join(f"{f.name}: {fr.shape[0]}x{fr.shape[1]}" for f, fr in zip(files, frames))
+        raise FrameLoadError(f"{folder}: the images differ in size (height x width: {shapes}); resize them to one size")
+    return np.stack(frames)
 
 
 def _read_image(image_module, file: Path) -> np.ndarray:
@@ -193,78 +236,53 @@ def _read_image(image_module, file: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- video file
 
 
-def _load_video(path: Path, limit: int | None) -> np.ndarray:
-    """Decode with the first installed decoder of :data:`VIDEO_DECODERS`."""
-    for module_name, _ in VIDEO_DECODERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        try:
-            frames = _DECODERS[module_name](module, path, limit)
-        except FrameLoadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - decoders raise their own types; name the file instead
-            raise FrameLoadError(
-                f"{path}: {module_name} could not decode the video ({type(error).__name__}: {error})"
-            ) from error
-        if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
-            raise FrameLoadError(f"{path}: {module_name} decoded no RGB frames (got shape {list(frames.shape)})")
-        return frames.astype(np.uint8, copy=False)
-    packages = ", ".join(f"{package} ({module})" for module, package in VIDEO_DECODERS)
-    raise FrameLoadError(
-        f"{path}: reading a video file needs a decoder package, and none is installed; install one of "
-        f"{packages}, or extract the frames first to a folder of images "
-        f"(e.g. `ffmpeg -i {path.name} frames/%05d.png`) or to an .npy array [T, H, W, 3] uint8"
-    )
-
-
-def _decode_av(av, path: Path, limit: int | None) -> np.ndarray:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        total = int(stream.frames or 0)  # 0 when the container does not say
-        wanted = set(sample_indices(total, limit).tolist()) if total and limit else None
-        frames = [frame.to_ndarray(format="rgb24") for i, frame in enumerate(container.decode(stream))
-                  if wanted is None or i in wanted]
-    frames_array = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-    return frames_array if wanted is not None else _sample(frames_array, limit)
-
-
-def _decode_decord(decord, path: Path, limit: int | None) -> np.ndarray:
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    indices = sample_indices(len(reader), limit)
-    return reader.get_batch(indices.tolist()).asnumpy()
-
-
-def _decode_cv2(cv2, path: Path, limit: int | None) -> np.ndarray:
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise FrameLoadError(f"{path}: OpenCV (cv2) cannot open the video")
+def _load_video_file(path: Path, limit: int | None) -> VideoFrames:
+    """The sampled frames of a video file, decoded by ``transformers.video_utils.load_video`` (PyAV)."""
     try:
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        wanted = set(sample_indices(total, limit).tolist()) if total > 0 and limit else None
-        frames, index = [], 0
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if wanted is None or index in wanted:
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))  # OpenCV decodes to BGR
-            index += 1
-    finally:
-        capture.release()
-    frames_array = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-    return frames_array if wanted is not None else _sample(frames_array, limit)
+        av = importlib.import_module("av")
+    except ImportError as error:
+        raise FrameLoadError(
+            f"{path}: reading a video file needs PyAV, which is not installed: `pip install av`; or extract "
+            f"the frames first to a folder of images (e.g. `ffmpeg -i {path.name} frames/%05d.png`) or to an "
+            ".npy array [T, H, W, 3] uint8"
+        ) from error
+    from transformers.video_utils import load_video
+
+    total = _frame_count(av, path)
+    indices = sample_indices(total, limit)
+    try:
+        frames, metadata = load_video(str(path), backend="pyav",
+                                      sample_indices_fn=lambda metadata, **_: indices)
+    except Exception as error:  # noqa: BLE001 - FFmpeg and transformers raise many types; name the file instead
+        raise FrameLoadError(f"{path}: cannot decode the video ({type(error).__name__}: {error})") from error
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != len(indices):
+        # load_video skips indices past the last decodable frame: fewer frames would be a different video
+        raise FrameLoadError(
+            f"{path}: the container announces {total} frames but only {frames.shape[0]} of the {len(indices)} "
+            f"sampled ones could be decoded; re-encode the file (e.g. `ffmpeg -i {path.name} fixed.mp4`) or "
+            "extract its frames to a folder of images"
+        )
+    fps = float(metadata.fps) if metadata.fps else None
+    return _result(frames.astype(np.uint8, copy=False), indices, total, fps, "video file")
 
 
-def _decode_torchvision(io, path: Path, limit: int | None) -> np.ndarray:
-    video, _, _ = io.read_video(str(path), pts_unit="sec", output_format="THWC")  # uint8 [T, H, W, 3]
-    return _sample(video.numpy(), limit)
+def _frame_count(av, path: Path) -> int:
+    """Frames in the file's first video stream.
 
-
-_DECODERS: dict[str, Callable[..., np.ndarray]] = {
-    "av": _decode_av,
-    "decord": _decode_decord,
-    "cv2": _decode_cv2,
-    "torchvision.io": _decode_torchvision,
-}
+    MP4, MOV and AVI record the count; Matroska and WebM do not (PyAV reports 0), and
+    ``load_video`` cannot sample such a file by itself, so its packets are counted
+    instead: one per frame, read without decoding.
+    """
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise FrameLoadError(f"{path}: the file holds no video stream")
+            stream = container.streams.video[0]
+            count = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
+    except FrameLoadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - av.error.* types vary between PyAV releases
+        raise FrameLoadError(f"{path}: cannot open the video ({type(error).__name__}: {error})") from error
+    if count == 0:
+        raise FrameLoadError(f"{path}: the video stream holds no frames")
+    return count
