@@ -26,6 +26,7 @@ from .cache import KeepSets, StaticCache
 from .gamma import GammaController, round_trials
 from .models import ModelAdapter
 from .selection import SelectionInputs, SelectionPolicy, keep_indices, make_policy
+from .steps import StepRunner
 
 
 @dataclass
@@ -53,6 +54,8 @@ class GenerationStats:
     gammas : γ of each round, in order: the fixed ``gamma``; under "auto" the controller's
         choice, 0 being a plain dense step; all 0 in vanilla mode
     warnings : what the generation warned about (e.g. a budget that keeps no candidate)
+    cuda_graphs : decode steps captured as CUDA graphs (one per kind and width used; 0 off CUDA)
+    graph_memory_bytes : device memory those captures reserved
     """
 
     mode: str
@@ -71,6 +74,8 @@ class GenerationStats:
     gamma_auto: bool = False
     gammas: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    cuda_graphs: int = 0
+    graph_memory_bytes: int = 0
 
     @property
     def decode_s(self) -> float:
@@ -119,6 +124,7 @@ def generate(
     pad_token_id: int | None = None,
     max_length: int | None = None,
     generation_config=None,
+    cuda_graphs: bool | None = None,
     progress: bool = False,
     **model_inputs,
 ) -> GenerationOutput:
@@ -155,6 +161,9 @@ def generate(
     generator : ``torch.Generator`` on the model's device, for reproducible sampling
     eos_token_id, pad_token_id : default to the generation config's
     generation_config : a ``transformers.GenerationConfig`` in place of the model's own
+    cuda_graphs : capture each decode step (draft, dense, verify of each width) as a CUDA graph on
+        first use and replay it (default: on CUDA; the CPU runs the same static buffers eagerly).
+        Same tokens either way; a step that cannot be captured falls back to eager, with a warning
     progress : show progress bars: prefill (per decoder layer) and decoding (per emitted token)
     **model_inputs : other prefill inputs the model's forward takes (``pixel_values_videos``,
         ``video_grid_thw``, ``mm_token_type_ids``, ...). Any other keyword is a ``TypeError``;
@@ -222,7 +231,8 @@ def generate(
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
         seen = None if warp.repetition_penalty is None else _SeenTokens(input_ids, first_logits.shape[-1])
         decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
-                           prompt_len, timer, stats, controller=GammaController(gamma) if auto else None, seen=seen)
+                           prompt_len, timer, stats, controller=GammaController(gamma) if auto else None, seen=seen,
+                           cuda_graphs=device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs))
         new_tokens = decoder.run(warp.pick(first_logits[:, -1], None if seen is None else seen.now), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -428,8 +438,10 @@ class _Decoder:
     """
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
-                 prompt_len, timer, stats, controller: GammaController | None = None, seen: _SeenTokens | None = None):
+                 prompt_len, timer, stats, controller: GammaController | None = None, seen: _SeenTokens | None = None,
+                 cuda_graphs: bool = False):
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
+        self.steps = StepRunner(adapter, cache, rope_delta, cuda_graphs, stats.warnings)
         self.seen = seen  # the repetition penalty's token sets; None without a penalty
         self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
         self.rope_delta, self.timer, self.stats = rope_delta, timer, stats
@@ -553,18 +565,15 @@ class _Decoder:
         return None if self.seen is None else self.seen.now
 
     def _forward(self, mode: str, tokens: torch.Tensor, positions: torch.Tensor, capture: bool = False):
-        """One model forward of ``tokens [B, Q]`` at cache ``positions [B, Q]``; logits ``[B, Q, V]``."""
-        batch, width = tokens.shape
-        self._step = ForwardStep(
-            mode=mode, cache=self.cache, slots=positions,
-            kv_len=(positions[:, -1] + 1).to(torch.int32),
-            capture_rows=self.offsets[None, :width].expand(batch, -1) if capture else None,
-        )
-        out = self.adapter.model(
-            input_ids=tokens, position_ids=self.adapter.decode_positions(positions, self.rope_delta),
-            use_cache=False, std_ext_step=self._step,
-        )
-        return out.logits
+        """One model forward of ``tokens [B, Q]`` at cache ``positions [B, Q]``; logits ``[B, Q, V]``
+        (the step's output buffer: consumed before the same step runs again)."""
+        logits, _ = self.steps(mode, tokens, positions, capture)
+        return logits
+
+    @property
+    def _step(self) -> ForwardStep | None:
+        """The forward running, or the last one run (its captured queries feed the policies)."""
+        return self.steps.current
 
     def _refresh(self, positions: torch.Tensor, n: torch.Tensor, offsets: torch.Tensor) -> None:
         """Let the policy re-choose keep sets from the accepted verify queries."""
@@ -573,8 +582,8 @@ class _Decoder:
         for layer in range(self.adapter.num_layers):
             k_cache, _ = self.cache.layer(layer)
             chosen = self.policy.after_verify(layer, self._step.captured[layer], query_pos, k_cache)
-            if chosen is not None:
-                keep.indices[layer] = keep_indices(keep.always, chosen, self.adapter.num_kv_heads, keep.width)
+            if chosen is not None:  # in place: captured draft steps read these very buffers
+                keep.indices[layer].copy_(keep_indices(keep.always, chosen, self.adapter.num_kv_heads, keep.width))
 
     def _finish_stats(self, gammas: list[int], tally: _Tally, emitted: torch.Tensor) -> None:
         stats = self.stats
@@ -586,6 +595,7 @@ class _Decoder:
         stats.mean_accepted = accepted / max(rounds, 1)
         stats.acceptance_by_position = [v / max(rounds, 1) for v in tally.accepted_at[: self.gamma].tolist()]
         stats.draft_agreement = accepted / max(trials, 1)
+        stats.cuda_graphs, stats.graph_memory_bytes = self.steps.captured, self.steps.graph_bytes
 
 
 # --------------------------------------------------------------------------- checks and helpers
