@@ -95,6 +95,8 @@ class Settings:
     device: torch.device
     dtype: torch.dtype
     shape: dict
+    graphs: bool = True  # also run vanilla and StD with cuda_graphs=False
+    pairs: list[tuple[int, int]] | None = None  # (context, batch) to measure, instead of contexts × batches
 
 
 def make_config(shape: dict, max_positions: int):
@@ -240,7 +242,8 @@ def run_std(model, input_ids, candidate_mask, settings: Settings, name: str, **k
     with _PeakMemory(device) as memory:
         sync(device)
         began = time.perf_counter()
-        out = std_ext.generate(model, input_ids, candidate_mask=candidate_mask, max_new_tokens=settings.new_tokens,
+        out = std_ext.generate(model, input_ids, torch.ones_like(input_ids), candidate_mask=candidate_mask,
+                               max_new_tokens=settings.new_tokens,
                                budget=settings.budget, eos_token_id=-1, **kwargs)
         sync(device)
         wall = time.perf_counter() - began
@@ -338,6 +341,11 @@ def measure(model, settings: Settings, context: int, batch: int, bandwidth: floa
     if best != settings.gamma:
         runs["best"] = run_std(model, input_ids, candidates, settings, f"StD γ={best}", gamma=best)
     runs["auto"] = run_std(model, input_ids, candidates, settings, "StD auto", gamma="auto", gamma_max=12)
+    if settings.graphs:  # the same runs without CUDA graphs: what the captured steps save
+        runs["vanilla_eager"] = run_std(model, input_ids, candidates, settings, "vanilla, no graphs", mode="vanilla",
+                                        cuda_graphs=False)
+        runs["std_eager"] = run_std(model, input_ids, candidates, settings, f"StD γ={settings.gamma}, no graphs",
+                                    gamma=settings.gamma, cuda_graphs=False)
     if settings.hf:
         runs["hf"] = run_hf(model, input_ids, settings)
     element = torch.empty((), dtype=settings.dtype).element_size()
@@ -456,6 +464,24 @@ def memory_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def graphs_table(results: list[Result], gamma: int) -> str:
+    lines = [f"| context | batch | vanilla ms/tok graphs | no graphs | no graphs / graphs | StD γ={gamma} ms/tok graphs | "
+             "no graphs | no graphs / graphs | graphs captured (vanilla, StD) | graph memory MiB (StD) | "
+             "same tokens as with graphs |", "|" + "---|" * 11]
+    for r in results:
+        if "std_eager" not in r.runs:
+            continue
+        van, std = r.runs["vanilla"], r.runs["std"]
+        van_e, std_e = r.runs["vanilla_eager"], r.runs["std_eager"]
+        same = all(a.tokens == b.tokens for a, b in ((van, van_e), (std, std_e)))
+        lines.append(
+            f"| {r.context} | {r.batch} | {_ms(van.per_token_s)} | {_ms(van_e.per_token_s)} | "
+            f"{_ratio(van_e.per_token_s, van.per_token_s)} | {_ms(std.per_token_s)} | {_ms(std_e.per_token_s)} | "
+            f"{_ratio(std_e.per_token_s, std.per_token_s)} | {van.stats.cuda_graphs}, {std.stats.cuda_graphs} | "
+            f"{std.stats.graph_memory_bytes / MiB:.1f} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
 def exactness_table(results: list[Result], gamma: int) -> str:
     lines = [f"| context | batch | StD γ={gamma} | StD best γ | StD auto | transformers | divergences |",
              "|" + "---|" * 7]
@@ -488,6 +514,10 @@ def report(results: list[Result], skipped: list[str], settings: Settings, header
         "`StD adds` = peak of the StD γ run − peak of the vanilla run (each from a reset peak; the model's weights "
         "are in both).",
         memory_table(results),
+        "## CUDA graphs on and off (measured; off the GPU both run the same eager steps)",
+        "Each decode step (draft, dense, verify of each width) captured once per generate call and replayed, "
+        "against the same runs with `cuda_graphs=False`.",
+        graphs_table(results, settings.gamma),
         "## Exactness (greedy, against vanilla decoding on the same model)",
         "Identical sequences; at each divergence, the dense model's top-2 logit margin there (a near-tie flipped by "
         f"rounding; at most {settings.max_margins} margins per configuration are computed, one prefill each).",
@@ -534,6 +564,16 @@ def warm_up(model, settings: Settings) -> None:
         run_hf(model, input_ids, short)
 
 
+def _pairs(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"expected CONTEXTxBATCH,..., e.g. 65536x1,32768x8; got {text!r}")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
@@ -546,6 +586,10 @@ def parse_args(argv):
     parser.add_argument("--visual-share", type=float, default=0.9, help="share of the prompt in the visual span")
     parser.add_argument("--max-margins", type=int, default=4, help="top-2 margins computed per configuration")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    parser.add_argument("--no-graphs-compare", dest="graphs", action="store_false",
+                        help="skip the runs without CUDA graphs")
+    parser.add_argument("--pairs", type=_pairs, default=None,
+                        help="CONTEXTxBATCH,... to measure (e.g. 65536x1,32768x8), instead of --contexts x --batches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda (the CPU only with --tiny)")
     parser.add_argument("--threads", type=int, default=None,
@@ -577,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens, question=args.question, visual_share=args.visual_share,
         max_margins=args.max_margins, hf=args.hf, seed=args.seed, tiny=args.tiny, device=device,
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, shape=TINY if args.tiny else QWEN2_7B,
+        graphs=args.graphs, pairs=args.pairs,
     )
     threads = torch.get_num_threads()
     try:
@@ -595,20 +640,20 @@ def run_benchmark(settings: Settings) -> str:
     """Build the model, measure every configuration that fits; the markdown report."""
     began = time.perf_counter()
     device = settings.device
-    max_positions = max(settings.contexts) + settings.new_tokens + 64
+    pairs = settings.pairs or [(c, b) for c in settings.contexts for b in settings.batches]
+    max_positions = max(c for c, _ in pairs) + settings.new_tokens + 64
     model = build_model(settings.shape, max_positions, device, settings.dtype, settings.seed)
     bandwidth = copy_bandwidth(device, GiB if device.type == "cuda" else 64 * MiB)
     warm_up(model, settings)
     results, skipped = [], []
-    for context in settings.contexts:
-        for batch in settings.batches:
-            result, why = measure_or_skip(model, settings, context, batch, bandwidth)
-            if result is not None:
-                results.append(result)
-                print(f"[e2e] context {context} batch {batch}: done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
-            else:
-                skipped.append(why)
-                print(f"[e2e] context {context} batch {batch}: skipped: {why}", file=sys.stderr)
+    for context, batch in pairs:
+        result, why = measure_or_skip(model, settings, context, batch, bandwidth)
+        if result is not None:
+            results.append(result)
+            print(f"[e2e] context {context} batch {batch}: done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+        else:
+            skipped.append(why)
+            print(f"[e2e] context {context} batch {batch}: skipped: {why}", file=sys.stderr)
     text = report(results, skipped, settings, header_line(model, settings, bandwidth))
     return text + f"\n{time.perf_counter() - began:.0f} s in all.\n"
 

@@ -24,11 +24,13 @@ def test_tiny_run_reports_every_configuration(tmp_path, capsys):
     report = out.read_text()
     assert report.strip() == capsys.readouterr().out.strip()
     for section in ("Decode speed", "Step times over their bandwidth floors", "computed from the measured step times",
-                    "Prefill, selection and memory", "Exactness"):
+                    "Prefill, selection and memory", "CUDA graphs on and off", "Exactness"):
         assert section in report, section
     rows = [line for line in report.splitlines() if re.match(r"\| 1024 \| [12] \|", line)]
-    # per batch: speed, steps, three computed rows (0.9, 0.95, measured), memory, exactness
-    assert len(rows) == 2 * 7, report
+    # per batch: speed, steps, three computed rows (0.9, 0.95, measured), memory, graphs, exactness
+    assert len(rows) == 2 * 8, report
+    graphs = [row for row in rows if row.endswith("| yes |") or row.endswith("| NO |")]
+    assert len(graphs) == 2 and all(row.endswith("| yes |") for row in graphs), graphs
     computed = [row for row in rows if re.match(r"\| 1024 \| [12] \| 0.95 \|", row)]
     assert len(computed) == 2 and all(len(row.split("|")) == 2 + 3 + 11 + 1 for row in computed)
     # exactness: identical sequences, or a divergence at a near-tie of the dense model (DESIGN.md §5)
@@ -39,6 +41,18 @@ def test_tiny_run_reports_every_configuration(tmp_path, capsys):
     for row in exact:
         fractions = re.findall(r"(\d+)/(\d+)", row)
         assert row.endswith("| none |") == all(a == b for a, b in fractions[:-1]), row  # transformers aside
+
+
+def test_pairs_pick_the_configurations(tmp_path):
+    out = tmp_path / "e2e.md"
+    argv = ["--tiny", "--pairs", "1024x2", "--new-tokens", "4", "--max-margins", "0", "--no-hf",
+            "--no-graphs-compare", "--out", str(out)]
+    assert e2e.main(argv) == 0
+    report = out.read_text()
+    assert re.search(r"^\| 1024 \| 2 \|", report, re.M) and not re.search(r"^\| 1024 \| 1 \|", report, re.M)
+    assert not re.search(r"no graphs / graphs \|\n\|[-|]+\n\|", report)  # the graphs table has no rows
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--tiny", "--pairs", "1024"])
 
 
 def test_without_a_gpu_the_full_benchmark_refuses_clearly(capsys):

@@ -40,6 +40,44 @@ def pytest_configure(config):
     )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--first-light", choices=("curated", "rest"), default=None,
+        help="split the selected tests for a short GPU run (tools/gpu_run.sh first-light): 'curated' keeps one "
+             "case per test function x dtype x head dim plus every row-invariance and graph-capture case; "
+             "'rest' keeps the others",
+    )
+
+
+# Test names whose every case belongs to the curated first-light set.
+_ALWAYS_CURATED = ("bitwise", "invariance", "graph")
+
+
+def _first_light_group(item):
+    """(function, dtype, head dim) of a parametrized test; one case per group is curated."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    dtype = params.get("dtype")
+    head_dim = params.get("D", params.get("head_dim"))
+    return item.module.__name__, item.originalname, str(dtype), str(head_dim)
+
+
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("--first-light")
+    if part is None:
+        return
+    seen, curated, rest = set(), [], []
+    for item in items:
+        group = _first_light_group(item)
+        if any(word in item.name for word in _ALWAYS_CURATED) or group not in seen:
+            seen.add(group)
+            curated.append(item)
+        else:
+            rest.append(item)
+    keep = curated if part == "curated" else rest
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 def has_cuda_kernel(op):
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"std::{op}", "CUDA")

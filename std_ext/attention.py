@@ -99,7 +99,7 @@ def _refuse_unreproduced_kwargs(module: torch.nn.Module, kwargs: dict, step: For
     asks for an attention variant std_ext does not compute fails here, never silently."""
     name = type(module).__name__
     window = kwargs.get("sliding_window")
-    if window is not None and int(window) <= step.cache.span:
+    if window is not None and int(window) < step.cache.span:
         raise ValueError(f"std_ext attention: {name} asks for sliding-window attention ({window} tokens, shorter than "
                          f"the {step.cache.span} positions of this generation); std_ext attends to every position")
     if kwargs.get("softcap") is not None:

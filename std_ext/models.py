@@ -115,7 +115,7 @@ class ModelAdapter:
 
     def check_length(self, total: int) -> None:
         """Refuse a generation of ``total`` positions (prompt + new tokens) that a window would cut."""
-        if self.sliding_window is not None and self.sliding_window <= total:
+        if self.sliding_window is not None and self.sliding_window < total:
             _refuse(self.name, f"sliding-window attention (a {self.sliding_window}-token window, shorter than the "
                                f"prompt plus max_new_tokens = {total} positions)",
                     "std_ext attends to every cached position; shorten the prompt or max_new_tokens below the window")
