@@ -96,6 +96,8 @@ class Settings:
     dtype: torch.dtype
     shape: dict
     graphs: bool = True  # also run vanilla and StD with cuda_graphs=False
+    tp: int = 1  # tensor-parallel ranks (under torchrun); byte counts and floors are per rank
+    checkpoint: str | None = None  # with tp > 1: where the random model is saved for loading
     pairs: list[tuple[int, int]] | None = None  # (context, batch) to measure, instead of contexts × batches
 
 
@@ -174,17 +176,23 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- byte counts
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel parameter (the tensor itself when not sharded)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def weight_bytes(model) -> int:
-    """Bytes of weights a decode step reads: every parameter but the input embedding table
-    (a step reads only its tokens' rows of it)."""
+    """Bytes of weights a decode step reads on this rank: every parameter (its local shard
+    under tensor parallelism) but the input embedding table (a step reads only its tokens' rows)."""
     embedding = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters() if p is not embedding)
 
 
-def kv_bytes(config, batch: int, positions: float, element: int) -> float:
-    """K and V bytes of ``positions`` cached tokens per sequence: 2 × layers × B × H_kv × positions × D × element."""
+def kv_bytes(config, batch: int, positions: float, element: int, tp: int = 1) -> float:
+    """K and V bytes of ``positions`` cached tokens per sequence on one of ``tp`` ranks:
+    2 × layers × B × H_kv / tp × positions × D × element."""
     head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * positions * head_dim * element
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads / tp * positions * head_dim * element
 
 
 def estimate_peak_bytes(model, settings: Settings, context: int, batch: int) -> int:
@@ -198,9 +206,9 @@ def estimate_peak_bytes(model, settings: Settings, context: int, batch: int) -> 
     capacity = context + settings.new_tokens + max(settings.gamma, 12) + 2
     hidden, inter = config.hidden_size, config.intermediate_size
     per_token = element * (6 * hidden + 4 * hidden + 3 * inter)  # [B·T, ·] tensors alive at once, by width
-    embedding = model.get_input_embeddings().weight
+    embedding = _local(model.get_input_embeddings().weight)
     weights = weight_bytes(model) + embedding.numel() * embedding.element_size()
-    return int(weights + kv_bytes(config, batch, capacity, element) + batch * context * per_token + GiB)
+    return int(weights + kv_bytes(config, batch, capacity, element, settings.tp) + batch * context * per_token + GiB)
 
 
 # --------------------------------------------------------------------------- runs
@@ -351,12 +359,13 @@ def measure(model, settings: Settings, context: int, batch: int, bandwidth: floa
     element = torch.empty((), dtype=settings.dtype).element_size()
     weights = weight_bytes(model)
     mean_len = context + settings.new_tokens / 2  # cached tokens during decoding, on average
-    floors = {"vanilla": weights + kv_bytes(model.config, batch, mean_len, element),
-              "draft": weights + kv_bytes(model.config, batch, settings.budget + settings.new_tokens / 2, element),
-              "verify": weights + kv_bytes(model.config, batch, mean_len, element)}
+    tp = settings.tp
+    floors = {"vanilla": weights + kv_bytes(model.config, batch, mean_len, element, tp),
+              "draft": weights + kv_bytes(model.config, batch, settings.budget + settings.new_tokens / 2, element, tp),
+              "verify": weights + kv_bytes(model.config, batch, mean_len, element, tp)}
     floors = {name: nbytes / bandwidth for name, nbytes in floors.items()}
     exactness, divergences = check_exactness(model, input_ids, runs, settings)
-    kv_cache = kv_bytes(model.config, batch, context + settings.new_tokens + 1, element)
+    kv_cache = kv_bytes(model.config, batch, context + settings.new_tokens + 1, element, tp)
     return Result(context, batch, runs, steps, floors, agreement, best, kv_cache, exactness, divergences)
 
 
@@ -538,6 +547,9 @@ def header_line(model, settings: Settings, bandwidth: float) -> str:
     else:
         where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
     shape = "tiny Qwen2-shaped model (smoke test)" if settings.tiny else "Qwen2-7B-shaped model"
+    if settings.tp > 1:
+        shape += (f", tensor-parallel over {settings.tp} ranks (transformers' tp_plan='auto'; weights, KV bytes and "
+                  "floors are per rank, times are rank 0's)")
     c = model.config
     return (
         f"# Sparse-to-Dense end to end: {shape}, random {str(settings.dtype).removeprefix('torch.')} weights\n\n"
@@ -588,6 +600,11 @@ def parse_args(argv):
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
     parser.add_argument("--no-graphs-compare", dest="graphs", action="store_false",
                         help="skip the runs without CUDA graphs")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks: run under `torchrun --nproc_per_node N bench/e2e.py --tp N`; "
+                             "the model is saved once and loaded with transformers' tp_plan='auto'")
+    parser.add_argument("--checkpoint", default=None,
+                        help="with --tp: where the random model is saved (default: a folder under /tmp)")
     parser.add_argument("--pairs", type=_pairs, default=None,
                         help="CONTEXTxBATCH,... to measure (e.g. 65536x1,32768x8), instead of --contexts x --batches")
     parser.add_argument("--seed", type=int, default=0)
@@ -608,6 +625,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if args.tp > 1:
+        device = _init_tensor_parallel(parser, args.tp, device)
     if device.type == "cuda" and not (torch.cuda.is_available() and std_ext.cuda_kernels_built()):
         print("bench/e2e.py needs a CUDA GPU and std_ext built with its CUDA kernels "
               f"(torch.cuda.is_available() = {torch.cuda.is_available()}, std_ext.cuda_kernels_built() = "
@@ -621,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens, question=args.question, visual_share=args.visual_share,
         max_margins=args.max_margins, hf=args.hf, seed=args.seed, tiny=args.tiny, device=device,
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, shape=TINY if args.tiny else QWEN2_7B,
-        graphs=args.graphs, pairs=args.pairs,
+        graphs=args.graphs, pairs=args.pairs, tp=args.tp, checkpoint=args.checkpoint,
     )
     threads = torch.get_num_threads()
     try:
@@ -630,10 +649,59 @@ def main(argv: list[str] | None = None) -> int:
         text = run_benchmark(settings)
     finally:
         torch.set_num_threads(threads)  # leave a calling process (pytest) as it was
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if _rank() == 0:  # every rank measured (each step is collective); one reports
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+    if args.tp > 1:
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _init_tensor_parallel(parser, tp: int, device: torch.device) -> torch.device:
+    """Join torchrun's process group: NCCL and one GPU per rank, or gloo on the CPU (--tiny)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        parser.error(f"--tp {tp} needs {tp} processes: torchrun --nproc_per_node {tp} bench/e2e.py --tp {tp} ... "
+                     f"(WORLD_SIZE is {world})")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def build_tensor_parallel_model(settings: Settings, max_positions: int):
+    """The random model, saved once by rank 0 and loaded by every rank with ``tp_plan="auto"``
+    (``transformers`` shards a model as it loads it, so the weights go through a checkpoint)."""
+    import tempfile
+
+    from transformers import Qwen2ForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    folder = settings.checkpoint or str(
+        Path(tempfile.gettempdir()) / f"std_ext_e2e_{'tiny' if settings.tiny else 'qwen2_7b'}_{settings.seed}_{max_positions}")
+    if _rank() == 0 and not (Path(folder) / "config.json").exists():
+        model = build_model(settings.shape, max_positions, settings.device, settings.dtype, settings.seed)
+        model.save_pretrained(folder)
+        del model
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    torch.distributed.barrier()
+    model = Qwen2ForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_plan="auto"),
+                                             dtype=settings.dtype, attn_implementation="sdpa").eval()
+    if settings.device.type == "cpu":
+        model = model.to("cpu")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def run_benchmark(settings: Settings) -> str:
@@ -642,7 +710,10 @@ def run_benchmark(settings: Settings) -> str:
     device = settings.device
     pairs = settings.pairs or [(c, b) for c in settings.contexts for b in settings.batches]
     max_positions = max(c for c, _ in pairs) + settings.new_tokens + 64
-    model = build_model(settings.shape, max_positions, device, settings.dtype, settings.seed)
+    if settings.tp > 1:
+        model = build_tensor_parallel_model(settings, max_positions)
+    else:
+        model = build_model(settings.shape, max_positions, device, settings.dtype, settings.seed)
     bandwidth = copy_bandwidth(device, GiB if device.type == "cuda" else 64 * MiB)
     warm_up(model, settings)
     results, skipped = [], []
@@ -650,10 +721,13 @@ def run_benchmark(settings: Settings) -> str:
         result, why = measure_or_skip(model, settings, context, batch, bandwidth)
         if result is not None:
             results.append(result)
-            print(f"[e2e] context {context} batch {batch}: done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+            if _rank() == 0:
+                print(f"[e2e] context {context} batch {batch}: done ({time.perf_counter() - began:.0f} s)",
+                      file=sys.stderr)
         else:
             skipped.append(why)
-            print(f"[e2e] context {context} batch {batch}: skipped: {why}", file=sys.stderr)
+            if _rank() == 0:
+                print(f"[e2e] context {context} batch {batch}: skipped: {why}", file=sys.stderr)
     text = report(results, skipped, settings, header_line(model, settings, bandwidth))
     return text + f"\n{time.perf_counter() - began:.0f} s in all.\n"
 
@@ -666,7 +740,10 @@ def measure_or_skip(model, settings: Settings, context: int, batch: int, bandwid
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(settings.device)
         free += torch.cuda.memory_allocated(settings.device)  # the weights are in the estimate
-        if needed > free:
+        too_big = torch.tensor([float(needed > free)], device=settings.device)
+        if settings.tp > 1:  # every rank skips, or none: a lone skip would leave the others in a collective
+            torch.distributed.all_reduce(too_big, op=torch.distributed.ReduceOp.MAX)
+        if bool(too_big.item()):
             return None, (f"{name}: needs ~{needed / GiB:.0f} GiB (weights + KV cache + one prefill layer's "
                           f"activations over the batch) > {free / GiB:.0f} GiB")
     try:

@@ -92,3 +92,24 @@ def test_prompts_put_the_question_after_the_visual_span():
     assert not candidates[:, -64:].any() and candidates[:, 36:936].all() and not candidates[:, :36].any()
     with pytest.raises(ValueError, match="too short"):
         e2e.make_prompts(settings, 500, 1, 512, seed=3)
+
+
+def test_tensor_parallel_tiny_run_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 bench/e2e.py --tiny --tp 2``: two gloo ranks, one report, exact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "e2e_tp.md"
+    script = Path(e2e.__file__).resolve()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "--tiny",
+               "--tp", "2", "--pairs", "1024x2", "--new-tokens", "6", "--max-margins", "1", "--no-graphs-compare",
+               "--checkpoint", str(tmp_path / "model"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text()
+    assert "tensor-parallel over 2 ranks" in report
+    exact = [row for row in report.splitlines() if re.match(r"\| 1024 \| 2 \| \d+/\d+ \|", row)]
+    assert len(exact) == 1 and exact[0].endswith("| none |"), report
+    with pytest.raises(SystemExit):  # --tp without its processes is a clear usage error
+        e2e.main(["--tiny", "--tp", "2", "--pairs", "1024x1"])

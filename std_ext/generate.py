@@ -14,15 +14,18 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from . import budget as budget_model
 from . import generation_args, sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
+from .distributed import RankAgreement
 from .gamma import GammaController, round_trials
 from .models import ModelAdapter
 from .selection import SelectionInputs, SelectionPolicy, keep_indices, make_policy
@@ -38,7 +41,9 @@ class GenerationStats:
     mode : "std" or "vanilla"
     gamma : the most drafts a round may run: the fixed ``gamma``, ``gamma_max`` under
         ``gamma="auto"``, 0 in vanilla mode
-    budget : the keep-set budget asked for
+    budget : the keep-set budget asked for (an int, or "auto")
+    budget_chosen : kept prompt positions per KV head of each sequence (non-candidates
+        included): the budget itself, capped at the prompt, or what ``budget="auto"`` chose
     rounds : decode rounds run after prefill (a vanilla round emits one token)
     new_tokens : tokens emitted per sequence (prefill's token included)
     mean_accepted : accepted draft tokens per drafting round (γ >= 1), averaged over active
@@ -76,6 +81,7 @@ class GenerationStats:
     warnings: list[str] = field(default_factory=list)
     cuda_graphs: int = 0
     graph_memory_bytes: int = 0
+    budget_chosen: list[int] = field(default_factory=list)
 
     @property
     def decode_s(self) -> float:
@@ -111,7 +117,7 @@ def generate(
     mode: str = "std",
     gamma: int | str = 9,
     gamma_max: int = 12,
-    budget: int = 1024,
+    budget: int | str = 1024,
     window: int | None = None,
     selection: str | Callable | SelectionPolicy = "question",
     candidate_mask: torch.Tensor | None = None,
@@ -151,7 +157,10 @@ def generate(
     gamma_max : the largest γ "auto" may choose, >= 1 (ignored for an integer ``gamma``)
     budget : kept prompt positions per KV head: every non-candidate position plus the top
         ``budget - #non-candidate`` candidates (clamped at 0; a budget that leaves no room for
-        a candidate warns and is recorded in ``stats.warnings``)
+        a candidate warns and is recorded in ``stats.warnings``); or "auto": per sequence, the
+        largest keep set whose K/V over all layers (with the policy's scoring reads) costs the
+        round at most ``std_ext.budget.DEFAULT_TOLERANCE`` of its predicted speedup under
+        ``std_ext.gamma``'s cost model (:mod:`std_ext.budget`); ``stats.budget_chosen`` says what it chose
     window : at most this many observation queries (the tokens after the last candidate)
     selection : "question", "recent", "refresh" or a callable (see :mod:`std_ext.selection`)
     candidate_mask : bool ``[B, T]``, the selection pool; default: the model's video/image tokens
@@ -176,6 +185,7 @@ def generate(
         ``sequences [B, T + new]`` and :class:`GenerationStats`.
     """
     adapter = ModelAdapter.for_model(model)
+    ranks = RankAgreement(model)
     _check_input_ids(input_ids, model)
     _check_std_parameters(mode, gamma, gamma_max, budget, window)
     if attention_mask is not None:  # the caller's tensors first; an inferred mask is checked once formed
@@ -210,7 +220,8 @@ def generate(
     adapter.check_length(width + max_new_tokens)
     prompt_len = attention_mask.sum(1)  # [B] long
     capacity = width + max_new_tokens + gamma + 1
-    _check_capacity(adapter, capacity, width, max_new_tokens, batch, dtype, device)
+    _check_same_on_every_rank(ranks, input_ids, attention_mask, max_new_tokens, gamma, budget, mode)
+    _check_capacity(adapter, capacity, width, max_new_tokens, batch, dtype, device, ranks)
     stats = GenerationStats(mode=mode, gamma=gamma, budget=budget, gamma_auto=auto)
     if candidate_mask is None:
         candidate_mask = adapter.visual_mask(input_ids)
@@ -232,7 +243,8 @@ def generate(
         seen = None if warp.repetition_penalty is None else _SeenTokens(input_ids, first_logits.shape[-1])
         decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
                            prompt_len, timer, stats, controller=GammaController(gamma) if auto else None, seen=seen,
-                           cuda_graphs=device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs))
+                           cuda_graphs=device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
+                           ranks=ranks)
         new_tokens = decoder.run(warp.pick(first_logits[:, -1], None if seen is None else seen.now), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -291,9 +303,37 @@ def _observation_rows(
 # --------------------------------------------------------------------------- selection
 
 
-def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget) -> None:
-    """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``."""
-    plan = _keep_plan(cache, step, candidate_mask, prompt_len, budget)
+# generate() -> _warn_on_budget(candidate_mask, ..., stats) -> _select(..., candidate_mask, ...): the stats
+# travel keyed by the candidate mask's id, held weakly (an entry dies with its generate call)
+_STATS_FOR_SELECTION: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, *, gamma: int | None = None,
+            max_new_tokens: int | None = None) -> _KeepPlan:
+    """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``; returns the plan.
+
+    ``gamma`` and ``max_new_tokens`` price ``budget="auto"``; by default they are read from
+    the cache as :func:`generate` sizes it (``span`` = prompt width + max_new_tokens,
+    ``capacity`` = span + γ + 1, γ being ``gamma_max`` under ``gamma="auto"``).
+    """
+    auto = None
+    if budget == "auto":
+        width = candidate_mask.shape[1]
+        gamma = cache.capacity - cache.span - 1 if gamma is None else gamma
+        max_new_tokens = cache.span - width if max_new_tokens is None else max_new_tokens
+        cost = budget_model.model_cost(adapter, cache.keys.dtype)
+
+        def auto(n_candidates: list[int], n_always: list[int]) -> list[int]:
+            return budget_model.auto_budget(cost, prompt_len=prompt_len.tolist(), n_candidates=n_candidates,
+                                            n_always=n_always, max_new_tokens=max_new_tokens, gamma=max(gamma, 1),
+                                            reads=policy.draft_reads).k
+
+    plan = _keep_plan(cache, step, candidate_mask, prompt_len, budget, auto)
+    stats = _STATS_FOR_SELECTION.pop(id(candidate_mask), None)
+    if stats is not None:
+        stats.budget_chosen = plan.budgets
+    if auto is not None:
+        _warn_on_auto_budget(plan, stats)
     query_pos = step.capture_pos.to(torch.int32)
     indices = []
     for layer in range(adapter.num_layers):
@@ -308,21 +348,25 @@ def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget) ->
         indices.append(keep_indices(plan.always, chosen, adapter.num_kv_heads, plan.width))
     step.captured.clear()
     cache.keep = KeepSets(indices=indices, tail_start=prompt_len.to(torch.int32), always=plan.always, width=plan.width)
+    return plan
 
 
 @dataclass
 class _KeepPlan:
     """How a budget splits over cache positions: ``candidates`` and ``always`` bool ``[B, S]``,
-    ``k`` long ``[B]`` candidates to choose, ``k_max = max(k)``, ``width`` bounds a keep set."""
+    ``k`` long ``[B]`` candidates to choose, ``k_max = max(k)``, ``width`` bounds a keep set,
+    ``budgets`` the kept prompt positions per KV head of each sequence (``always + k``, ``B`` ints)."""
 
     candidates: torch.Tensor
     always: torch.Tensor
     k: torch.Tensor
     k_max: int
     width: int
+    budgets: list[int] = field(default_factory=list)
 
 
-def _keep_plan(cache, step, candidate_mask, prompt_len, budget) -> _KeepPlan:
+def _keep_plan(cache, step, candidate_mask, prompt_len, budget, auto=None) -> _KeepPlan:
+    """The plan of an integer ``budget``, or of ``auto(n_candidates, n_always) -> k`` (``B`` ints each)."""
     batch = candidate_mask.shape[0]
     device = candidate_mask.device
     capacity = cache.capacity
@@ -332,9 +376,25 @@ def _keep_plan(cache, step, candidate_mask, prompt_len, budget) -> _KeepPlan:
     in_prompt = torch.arange(capacity, device=device)[None] < prompt_len[:, None]
     always = in_prompt & ~candidates  # [B, S]
     n_candidates = candidates.sum(1)
-    k = (budget - always.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
-    k_max, width = (int(v) for v in torch.stack([k.max(), (always.sum(1) + k).max()]).tolist())
-    return _KeepPlan(candidates=candidates, always=always, k=k, k_max=k_max, width=width)
+    if auto is None:
+        k = (budget - always.sum(1)).clamp(min=0).minimum(n_candidates)  # [B]
+    else:
+        k = torch.tensor(auto(n_candidates.tolist(), always.sum(1).tolist()), dtype=torch.long, device=device)
+    budgets = (always.sum(1) + k).tolist()
+    return _KeepPlan(candidates=candidates, always=always, k=k, k_max=int(k.max()), width=max(budgets),
+                     budgets=budgets)
+
+
+def _warn_on_auto_budget(plan: _KeepPlan, stats: GenerationStats | None) -> None:
+    """``budget="auto"`` keeping no candidate where there are some: the keep set would not pay its bytes."""
+    starved = (plan.k == 0) & plan.candidates.any(1)
+    if bool(starved.any()):
+        message = (f"budget='auto' keeps no candidate (visual) token in {int(starved.sum())} of {starved.numel()} "
+                   "sequences: their non-candidate prompt tokens alone cost the draft step more than the cost model "
+                   "allows (a small model over a long prompt); pass an integer budget to keep candidates anyway")
+        warnings.warn(f"std_ext.generate: {message}", stacklevel=4)
+        if stats is not None:
+            stats.warnings.append(message)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -439,8 +499,9 @@ class _Decoder:
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
                  prompt_len, timer, stats, controller: GammaController | None = None, seen: _SeenTokens | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, ranks: RankAgreement | None = None):
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
+        self.ranks = ranks if ranks is not None else RankAgreement(adapter.model)
         self.steps = StepRunner(adapter, cache, rope_delta, cuda_graphs, stats.warnings)
         self.seen = seen  # the repetition penalty's token sets; None without a penalty
         self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
@@ -515,7 +576,9 @@ class _Decoder:
         for name, elapsed in self.timer.drain():
             if name in seconds:
                 seconds[name] += elapsed
-        self.controller.observe(gamma, seconds["draft"], seconds["verify"], accepted, trials)
+        # every rank must choose the same γ (it shapes the next forward): the slowest rank's times
+        draft, verify = self.ranks.max([seconds["draft"], seconds["verify"]])
+        self.controller.observe(gamma, draft, verify, accepted, trials)
 
     def _round(self, pending: torch.Tensor, gamma: int):
         if gamma == 0:
@@ -662,9 +725,16 @@ def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
                          "(from_pretrained(..., dtype=torch.bfloat16) or model.to(torch.bfloat16))")
 
 
-def _warn_on_budget(candidate_mask: torch.Tensor, prompt_len: torch.Tensor, budget: int,
+def _warn_on_budget(candidate_mask: torch.Tensor, prompt_len: torch.Tensor, budget: int | str,
                     stats: GenerationStats) -> None:
-    """A budget at or below the non-candidate count keeps no candidate: say so, do not run silently dense-free."""
+    """A budget at or below the non-candidate count keeps no candidate: say so, do not run silently dense-free.
+
+    It also hands ``stats`` to :func:`_select` (which ``generate`` calls later with the same
+    ``candidate_mask`` but without the stats), so that the budget chosen is reported.
+    """
+    _STATS_FOR_SELECTION[id(candidate_mask)] = stats
+    if budget == "auto":  # chosen at selection, which warns then
+        return
     n_candidates = candidate_mask.sum(1)  # [B]
     room = budget - (prompt_len - n_candidates)  # [B] candidates the budget can keep
     starved = (n_candidates > 0) & (room <= 0)
@@ -700,7 +770,8 @@ def _check_std_parameters(mode, gamma, gamma_max, budget, window) -> None:
     if gamma != "auto":
         _integer(gamma, "gamma", 1, " or 'auto'")
     _integer(gamma_max, "gamma_max", 1)
-    _integer(budget, "budget", 0)
+    if budget != "auto":
+        _integer(budget, "budget", 0, " or 'auto'")
     if window is not None:
         _integer(window, "window", 1)
 
@@ -717,8 +788,24 @@ def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> Non
             raise ValueError(f"std_ext.generate: top_p must be in (0, 1], got {top_p!r}")
 
 
+def _check_same_on_every_rank(ranks: RankAgreement, input_ids, attention_mask, max_new_tokens, gamma, budget,
+                              mode) -> None:
+    """Tensor-parallel ranks must decode the same batch with the same settings, or their
+    collectives stop matching: checked once, before the prefill."""
+    if not ranks.active:
+        return
+    checksum = torch.stack([input_ids.sum(), (input_ids * torch.arange(input_ids.shape[1], device=input_ids.device)).sum(),
+                            attention_mask.sum()]).tolist()
+    values = [*input_ids.shape, *checksum, max_new_tokens, gamma, budget if isinstance(budget, int) else -1,
+              float(mode == "std")]
+    if not ranks.same([float(v) for v in values]):
+        raise ValueError("std_ext.generate: the tensor-parallel ranks were given different inputs or settings "
+                         "(input_ids, attention_mask, max_new_tokens, gamma, budget or mode); every rank must "
+                         "call generate with the same ones")
+
+
 def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_tokens: int, batch: int,
-                    dtype: torch.dtype, device: torch.device) -> None:
+                    dtype: torch.dtype, device: torch.device, ranks: RankAgreement | None = None) -> None:
     """A prompt that cannot fit is an error before any work: positions, then cache memory."""
     limit = getattr(adapter.decoder.config, "max_position_embeddings", None)
     if limit is not None and width + max_new_tokens > limit:
@@ -730,7 +817,10 @@ def _check_capacity(adapter: ModelAdapter, capacity: int, width: int, max_new_to
         element = torch.empty((), dtype=dtype).element_size()
         needed = 2 * adapter.num_layers * batch * adapter.num_kv_heads * (capacity + 1) * adapter.head_dim * element
         free, _ = torch.cuda.mem_get_info(device)
-        if needed > free:
+        fits = needed <= free
+        if ranks is not None and not ranks.all(fits):  # every rank stops, or none: a lone stop would hang the rest
+            fits = False
+        if not fits:
             raise ValueError(
                 f"std_ext.generate: the KV cache for batch {batch} x {capacity} positions needs "
                 f"{needed / 2**30:.2f} GiB but {free / 2**30:.2f} GiB is free on {device}; "

@@ -261,12 +261,20 @@ def _head_dim(attention: torch.nn.Module, config) -> int:
 
 
 def _kv_heads(attention: torch.nn.Module, config, head_dim: int) -> int:
-    """KV heads the layer holds: its key projection's width where it has one (so a
-    tensor-parallel shard counts its own heads), else the config's."""
-    k_proj = getattr(attention, "k_proj", None)
-    width = getattr(k_proj, "out_features", None)
-    if isinstance(width, int) and width % head_dim == 0:
-        return width // head_dim
+    """KV heads the layer holds: its key projection's rows where it has one — on a tensor-
+    parallel rank the local shard's, so each rank counts its own heads — else the config's."""
+    weight = getattr(getattr(attention, "k_proj", None), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        local = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor: this rank's rows
+        rows, total = local.shape[0], weight.shape[0]
+        if rows % head_dim == 0:
+            mesh = getattr(weight, "device_mesh", None)
+            if mesh is not None and rows != total and (total // head_dim) % mesh.size():
+                raise UnsupportedModelError(
+                    f"std_ext.generate: model: its {total // head_dim} KV heads do not divide evenly over the "
+                    f"tensor-parallel ranks (this rank holds {rows // head_dim}); use a TP size that divides "
+                    "the KV-head count")
+            return rows // head_dim
     return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
