@@ -24,4 +24,10 @@ TORCH_LIBRARY(std, m) {
       tags);
   m.def("dense_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_len, float scale) -> Tensor",
         tags);
+  // Introspection, not part of the attention API: the CUDA decode kernels' split plan
+  // (csrc/kernels/decode_plan.h) for a list of num_indices keep entries and tail_len tail
+  // positions, computed on the host (csrc/cpu/decode_split_plan.cpp).
+  m.def(
+      "decode_split_plan(int batch, int kv_heads, int q_len, int group, int capacity, int num_indices, "
+      "int tail_len, int sm_count, int blocks_per_sm) -> (Tensor, Tensor)");
 }

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["attention_scores", "topk_indices", "sparse_attention", "dense_attention"]
+__all__ = ["attention_scores", "topk_indices", "sparse_attention", "dense_attention", "decode_split_plan"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -123,6 +123,38 @@ def dense_attention(
         Query ``i`` attends to positions ``0 .. kv_len[b] - Qn + i``.
     """
     return torch.ops.std.dense_attention(q, k_cache, v_cache, kv_len, _scale(q, scale))
+
+
+def decode_split_plan(
+    batch: int,
+    kv_heads: int,
+    q_len: int,
+    group: int,
+    capacity: int,
+    num_indices: int,
+    tail_len: int,
+    sm_count: int,
+    blocks_per_sm: int,
+) -> tuple[Tensor, Tensor]:
+    """Introspection: how the CUDA decode kernels cut a position list (not an attention op).
+
+    Runs, on the host, the planner the CUDA ``dense_attention`` / ``sparse_attention`` glue
+    runs (``csrc/kernels/decode_plan.h``). A list holds ``num_indices`` keep-set entries
+    (0 for dense attention), padding up to ``tail_offset`` (``num_indices`` rounded up to a
+    tile), then ``tail_len`` tail positions (dense: ``kv_len``). Tiles of 64 entries go
+    round-robin to the splits; each split takes its tiles in ascending order and the merge
+    combines the splits. ``sm_count`` and ``blocks_per_sm`` are the device's (the CUDA glue
+    reads the latter from the occupancy API). Eager only (no fake kernel).
+
+    Returns
+    -------
+    tiles : Tensor, int32 [num_tiles, 4]
+        Per tile, grouped by split in processing order: ``(split, order, first entry, end entry)``.
+    plan : Tensor, int32 [6]
+        ``(num_splits, tail_offset, tile entries, layout (1 rows, 2 keys), warps per block, row groups)``.
+    """
+    return torch.ops.std.decode_split_plan(batch, kv_heads, q_len, group, capacity, num_indices, tail_len,
+                                           sm_count, blocks_per_sm)
 
 
 # --- fake kernels: shapes for torch.compile, plus the C++ argument checks ---------
