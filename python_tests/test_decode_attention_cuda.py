@@ -8,7 +8,16 @@ contexts (64K, 256K: many splits and a merge), batch 8 ragged, Qn 1..20 and grou
 out-of-bounds access: run this file under compute-sanitizer), misaligned cache views,
 non-default streams and CUDA-graph capture. Every call's output starts as NaN (the
 conftest fixture) and is compared against a float64 reference.
+
+The split plan's promises (csrc/kernels/decode_plan.h) are checked here end to end, bit for
+bit: a cache capacity larger by up to γ_max + 1 = 13 (StD against vanilla decoding), both
+warp layouts (STD_EXT_DECODE_LAYOUT=rows, the one-math-warp layout, against the default
+keys layout at Qn x G <= 16), row invariance across layouts; plus merges of 256 splits and
+long draft tails. The CPU checks the plan itself (test_decode_plan*.py).
 """
+
+import contextlib
+import os
 
 import pytest
 import torch
@@ -184,7 +193,7 @@ def single_row_calls(op, q, rest, kv_len, Qn):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G, Qn", [(1, 10), (7, 10), (8, 16), (6, 10), (7, 20)])
-@pytest.mark.parametrize("S", [100, 40000])  # one split, 22 splits (on 132 SMs)
+@pytest.mark.parametrize("S", [100, 40000])  # 2 tiles; 625 tiles over 44 splits (132 SMs x 2)
 def test_dense_rows_bitwise_equal_single_query_calls(gen, S, G, Qn, D, dtype):
     kv_len = [S - 3, Qn, randint(Qn, S - 3, gen)]
     q, k, v = attention_inputs(kv_len, S, Qn, 2, G, D, dtype, gen)
@@ -336,3 +345,98 @@ def test_cuda_graph_capture_and_replay(gen):
         assert torch.equal(dense, std_ext.ops.dense_attention(q, k, v, kv))
         assert torch.equal(sparse, std_ext.ops.sparse_attention(q, k, v, idx, ts, kv))
         assert rel_err(dense, dense_attention_ref(q, k, v, kv, 128**-0.5)) < ATTN_TOL[torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- split plan, bit for bit
+
+
+@contextlib.contextmanager
+def decode_layout(value):
+    old = os.environ.get("STD_EXT_DECODE_LAYOUT")
+    os.environ["STD_EXT_DECODE_LAYOUT"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["STD_EXT_DECODE_LAYOUT"]
+        else:
+            os.environ["STD_EXT_DECODE_LAYOUT"] = old
+
+
+@pytest.mark.parametrize("op", ["dense_attention", "sparse_attention"])
+@pytest.mark.parametrize("Qn", [1, 10])
+@pytest.mark.parametrize("capacity", [200, 4096 - 7, 4096, 8192 + 63, 40000])  # 40000: left out of memcheck
+def test_capacity_change_of_up_to_13_is_bitwise_invisible(gen, op, Qn, capacity):
+    """Vanilla decoding allocates γ+1 fewer cache positions than StD: views of one buffer
+    with capacities C .. C + 13 give the same bits (the split plan ignores the capacity)."""
+    kv_len = [capacity - 3, min(capacity, 150)]
+    big_k, big_v = big_cache(2, 2, capacity + 13, 128, torch.bfloat16, 11), big_cache(2, 2, capacity + 13, 128,
+                                                                                     torch.bfloat16, 12)
+    q = big_cache(2, Qn, 14, 128, torch.bfloat16, 13)
+    kv = ints(kv_len, CUDA)
+    extra = ()
+    if op == "sparse_attention":
+        tail = [n - 100 for n in kv_len]
+        extra = (make_indices(tail, 2, 1024, gen, CUDA), ints(tail, CUDA))
+    outs = []
+    for delta in (0, 1, 10, 13):
+        k, v = big_k[:, :, : capacity + delta], big_v[:, :, : capacity + delta]
+        outs.append(getattr(std_ext.ops, op)(q, k, v, *extra, kv))
+    for delta, out in zip((1, 10, 13), outs[1:]):
+        assert torch.equal(out, outs[0]), f"capacity + {delta} changes the output"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Qn, G", [(1, 1), (1, 4), (1, 7), (1, 8), (1, 16), (2, 8)])
+@pytest.mark.parametrize("op", ["dense_attention", "sparse_attention"])
+def test_warp_layouts_agree_bitwise(gen, op, Qn, G, D, dtype):
+    """Up to 16 rows the keys layout (4 warps share the tile's keys) runs by default; the rows
+    layout (one math warp) computes every row in the same order, so the bits are equal."""
+    kv_len = [5000, 70, Qn]  # 79 tiles: most splits take two
+    q, k, v = attention_inputs(kv_len, 5010, Qn, 2, G, D, dtype, gen)
+    args = (q, k, v)
+    if op == "sparse_attention":
+        tail = [4000, 10, 0]
+        args += (make_indices(tail, 2, 700, gen, CUDA), ints(tail, CUDA))
+    args += (ints(kv_len, CUDA),)
+    with decode_layout("keys"):
+        keys = getattr(std_ext.ops, op)(*args)
+    with decode_layout("rows"):
+        rows = getattr(std_ext.ops, op)(*args)
+    assert torch.equal(keys, rows), f"layouts differ: max |diff| {(keys.float() - rows.float()).abs().max():.3g}"
+    ref = dense_attention_ref(*args, D**-0.5) if op == "dense_attention" else sparse_attention_ref(*args, D**-0.5)
+    assert_attention_output(keys, q, ref)
+
+
+def test_bad_layout_variable_is_named(gen, monkeypatch):
+    q, k, v = attention_inputs([20], 24, 1, 2, 4, 64, torch.float16, gen)
+    monkeypatch.setenv("STD_EXT_DECODE_LAYOUT", "diagonal")
+    with pytest.raises(RuntimeError, match="STD_EXT_DECODE_LAYOUT"):
+        std_ext.ops.dense_attention(q, k, v, ints([20], CUDA))
+
+
+@pytest.mark.parametrize("Qn", [1, 10])
+def test_merge_of_256_splits(Qn):
+    """One sequence, one KV head: 256 splits (the most) at 40K positions, merged at once."""
+    S = 40000
+    k, v = big_cache(1, 1, S, 128, torch.bfloat16, 21), big_cache(1, 1, S, 128, torch.bfloat16, 22)
+    q = big_cache(1, Qn, 8, 128, torch.bfloat16, 23)
+    kv = ints([S - 5], CUDA)
+    out = std_ext.ops.dense_attention(q, k, v, kv, scale=2.0 * 128**-0.5)
+    assert_attention_output(out, q, dense_ref_gpu(q, k, v, kv, 2.0 * 128**-0.5))
+
+
+@pytest.mark.parametrize("tail", [1, 64, 1000, 5000])
+def test_sparse_long_draft_tails(tail):
+    """Tails of up to 5000 generated positions (their tiles spread over the splits)."""
+    keep, context = 1024, 20000
+    S = context + tail + 10
+    k, v = big_cache(2, 4, S, 128, torch.bfloat16, 31), big_cache(2, 4, S, 128, torch.bfloat16, 32)
+    g = torch.Generator(device=CUDA).manual_seed(33)
+    idx = torch.stack([torch.randperm(context, generator=g, device=CUDA)[:keep].sort().values for _ in range(8)])
+    q = big_cache(2, 1, 28, 128, torch.bfloat16, 34)
+    args = (q, k, v, idx.view(2, 4, keep).to(torch.int32), ints([context, context], CUDA),
+            ints([context + tail, context + tail // 2], CUDA))
+    out = std_ext.ops.sparse_attention(*args, scale=128**-0.5)
+    assert_attention_output(out, q, sparse_ref_gpu(*args, 128**-0.5))

@@ -15,10 +15,7 @@ at::Tensor dense_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   cuda::check_head_dim(op, dims.head_dim);
   if (value_checks_enabled(q)) check_kv_len_values(op, kv_len, dims.q_len, dims.capacity);
   const c10::cuda::CUDAGuard guard(q.device());
-  const kernels::DecodeSplitPlan plan =
-      kernels::plan_dense_splits(static_cast<int>(dims.capacity), static_cast<int>(dims.batch),
-                                 static_cast<int>(dims.kv_heads), cuda::sm_count(q));
-  return cuda::run_decode_attention<false>(op, q, k_cache, v_cache, kv_len, nullptr, nullptr, scale, dims, plan);
+  return cuda::run_decode_attention<false>(op, q, k_cache, v_cache, kv_len, nullptr, nullptr, scale, dims);
 }
 
 }  // namespace

@@ -21,10 +21,7 @@ at::Tensor sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     check_indices_values(op, indices, tail_start);
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const kernels::DecodeSplitPlan plan =
-      kernels::plan_sparse_splits(static_cast<int>(indices.size(2)), static_cast<int>(dims.batch),
-                                  static_cast<int>(dims.kv_heads), cuda::sm_count(q));
-  return cuda::run_decode_attention<true>(op, q, k_cache, v_cache, kv_len, &indices, &tail_start, scale, dims, plan);
+  return cuda::run_decode_attention<true>(op, q, k_cache, v_cache, kv_len, &indices, &tail_start, scale, dims);
 }
 
 }  // namespace

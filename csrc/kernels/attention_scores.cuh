@@ -129,7 +129,7 @@ using mma::cp_async_commit;
 using mma::cp_async_wait;
 using mma::ldmatrix_x4;
 using mma::smem_address;
-using mma::allow_dynamic_smem;
+using mma::launch_with_dynamic_smem;
 
 // 2^x; ex2.approx(-inf) = +0, which the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -801,20 +801,21 @@ cudaError_t launch_attention_scores(const AttentionScoresShape& shape, const Att
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   constexpr auto row_stats = row_stats_kernel<Element, kHeadDim>;
-  if ((err = allow_dynamic_smem<row_stats, Shape::kRowStatsSmem>()) != cudaSuccess) return err;
   const int64_t row_stats_blocks = static_cast<int64_t>(plan.rows_padded / kStationaryRows) * plan.n_chunks * bh;
-  row_stats<<<static_cast<unsigned>(row_stats_blocks), kThreads, Shape::kRowStatsSmem, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_with_dynamic_smem<row_stats, Shape::kRowStatsSmem>([&] {
+    row_stats<<<static_cast<unsigned>(row_stats_blocks), kThreads, Shape::kRowStatsSmem, stream>>>(p);
+  });
+  if (err != cudaSuccess) return err;
 
   const int64_t finish_blocks = static_cast<int64_t>(plan.rows_padded / kFinishRows) * bh;
   finish_row_stats_kernel<Element><<<static_cast<unsigned>(finish_blocks), kFinishRows * kFinishSlices, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   constexpr auto column_scores = column_scores_kernel<Element, kHeadDim>;
-  if ((err = allow_dynamic_smem<column_scores, Shape::kColumnScoresSmem>()) != cudaSuccess) return err;
   const int64_t key_blocks = (static_cast<int64_t>(shape.capacity) + kStationaryRows - 1) / kStationaryRows;
-  column_scores<<<static_cast<unsigned>(key_blocks * bh), kThreads, Shape::kColumnScoresSmem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_dynamic_smem<column_scores, Shape::kColumnScoresSmem>([&] {
+    column_scores<<<static_cast<unsigned>(key_blocks * bh), kThreads, Shape::kColumnScoresSmem, stream>>>(p);
+  });
 }
 
 }  // namespace std_ext::kernels

@@ -4,36 +4,49 @@
 // in csrc/cuda/{dense,sparse}_attention_kernel.cu checks arguments and calls the
 // launchers at the bottom of this file.
 //
-// One position list per (sequence b, KV head h):
-//   entries [0, N)      indices[b, h, :]   (sparse only; valid iff 0 <= index < tail_start,
-//                                           visible to every query of the call)
-//   entries [N, L)      tail_start, tail_start + 1, ..., kv_len - 1   (visible to query i
-//                                           iff position <= its own position kv_len - Qn + i)
-// Dense attention is the same list with N = 0 and tail_start = 0.
+// Work split (decode_plan.h): the position list of a (sequence b, KV head h) is cut into
+// 64-entry tiles, and tile t belongs to split t % num_splits. Grid = (split, KV head x
+// row group, sequence). A block stages the Qn x G query rows of its KV head (query-major:
+// row r is query r / G, head r % G) and streams its split's tiles (split, split +
+// num_splits, ...) through shared memory with a multi-stage cp.async pipeline, so each
+// K/V row is read once for all the rows of the group. A block writes either the final
+// output (one split) or a normalized partial output and its log2-sum-exp, which a second
+// kernel merges, all splits of a row at once.
 //
-// The list is cut into `num_splits` splits of `split_len` entries (the last split also
-// takes whatever lies past num_splits * split_len). Grid = (split, KV head x row group,
-// sequence). A block stages the Qn x G query rows of its KV head (up to 16 per warp,
-// query-major: row r is query r / G, head r % G) and streams its split's K/V rows through
-// shared memory in 64-entry tiles with a multi-stage cp.async pipeline, so each K/V row is
-// read once for all the rows of the group. Warp w owns rows 16w..16w+15 and runs an online
-// softmax over every tile with mma.sync for Q.K^T and P.V. A block writes either the final
-// output (one split) or a normalized partial output and its log2-sum-exp; a second kernel
-// merges the partials in split order.
+// Two warp layouts compute a tile (decode_plan.h, DecodeLayout):
+//   kRows  warp w owns query rows 16w..16w+15 and every key of the tile;
+//   kKeys  (up to 16 rows: plain decoding) the 4 warps share the rows; warp w computes
+//          the logits of keys 16w..16w+15, the warps exchange row maxima and
+//          probabilities through shared memory, and warp w accumulates P.V for a quarter
+//          of head_dim. Four warps then share the tensor-core work that one warp would do
+//          alone in kRows, where at Qn = 1 three of four warps have no rows.
 //
-// Row invariance. The arithmetic of one query row depends only on its own query, its own
-// position and the list, never on Qn or on the other rows: mma computes each output row
-// from that row alone, softmax statistics are per row, split and tile boundaries are fixed
-// positions in the list chosen from (N, capacity, batch, KV heads, SM count) — none of
-// which depends on Qn or kv_len — and a tile or split a row cannot see leaves its state
-// exactly unchanged (scale by exp2(0) = 1, add exact zeros; an empty split is skipped by
-// the merge). So row i of a Qn = γ+1 call is bit-identical to a Qn = 1 call at the same
-// position, which is what makes verification agree exactly with plain decoding.
+// Row invariance and bit-exactness. Both layouts compute every row with the same
+// operations in the same order (the "row recipe"):
+//   * logit(row, key) = the mma chain over head_dim in 16-wide steps, times scale (an
+//     explicit multiply: no contraction into later operations);
+//   * tile max over the tile's 64 keys (max is exact, so the order does not matter),
+//     shift and alpha = exp2(old max - shift) as below;
+//   * probabilities p = exp2(logit - shift); the row sum is kept as 4 key-group x 4 lane
+//     partials (keys 16k..16k+15; lane t4 holds keys 8n + 2t4, +1), each updated as
+//     fma(partial, alpha, sum of its 4 new values in a fixed order);
+//   * acc(row, d) = acc * alpha, then the mma chain over the tile's keys in 16-key steps,
+//     one chain per 8 columns of head_dim: columns never mix, so which warp owns which
+//     columns does not matter;
+//   * at the end of the split, sum = (l0 + l1) + (l2 + l3) with lk = (s0 + s1) + (s2 + s3)
+//     over key group k's lane partials; o = acc * (1 / sum), lse = max + log2(sum).
+// mma computes each output row from that row alone, the tiles and their order are fixed
+// list entries (decode_plan.h: never a function of Qn, kv_len or the capacity), and a
+// key a row cannot see (causal mask, past the list) leaves its state unchanged exactly:
+// alpha = exp2(0) = 1 and additions of exact zeros. So row i of a Qn = γ+1 call is bit-
+// identical to a Qn = 1 call at the same position, whichever layout either call used,
+// and vanilla and StD decoding agree bit for bit although their caches differ in size.
 //
 // Unchecked integer inputs (DESIGN.md §3) are made safe here: kv_len is clamped to
 // [0, capacity], tail_start to [0, kv_len], and an index outside [0, tail_start) is skipped.
 #pragma once
 
+#include "kernels/decode_plan.h"
 #include "kernels/mma_utils.cuh"
 
 #include <cuda_runtime.h>
@@ -62,31 +75,33 @@ struct DecodeAttentionParams {
   float* partial_out;  // [B, Qn, H_q, num_splits, D] (num_splits > 1 only)
   float* partial_lse;  // [B, Qn, H_q, num_splits], log2 domain; -inf: the split saw nothing
   int batch, q_len, q_heads, kv_heads, group, capacity;
-  int num_splits, split_len;
+  int num_splits;   // plan.num_splits
+  int tail_offset;  // plan.tail_offset: list entry of the tail's first position
   float scale_log2;  // scale * log2(e): softmax runs on exp2
-};
-
-// How a list is cut: split_len entries per split (a multiple of the tile), num_splits >= 1.
-struct DecodeSplitPlan {
-  int num_splits;
-  int split_len;
 };
 
 namespace decode_detail {
 
-constexpr int kTileKeys = 64;  // list entries per pipeline stage
-constexpr int kRowsPerWarp = 16;
-
-constexpr int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+constexpr int kTileKeys = kDecodeTileKeys;
+constexpr int kRowsPerWarp = kDecodeRowsPerWarp;
+constexpr int kKeyGroups = kTileKeys / 16;  // 16-key groups of a tile; kKeys: one per warp
+constexpr int kMergeThreads = 256;
 
 template <int kHeadDim>
 constexpr int stages() {
   return kHeadDim >= 128 ? 3 : 4;
 }
 
+template <int kHeadDim>
+constexpr int exchange_bytes() {
+  // kKeys: row maxima / sums [4 warps][16 rows] floats + probability fragments [4][32 lanes] x 16 B
+  return kKeyGroups * kRowsPerWarp * 4 + kKeyGroups * 32 * 16;
+}
+
 template <typename T, int kHeadDim>
 constexpr int smem_bytes() {
-  return stages<kHeadDim>() * (2 * kTileKeys * kHeadDim * static_cast<int>(sizeof(T)) + kTileKeys * 4);
+  return stages<kHeadDim>() * (2 * kTileKeys * kHeadDim * static_cast<int>(sizeof(T)) + kTileKeys * 4) +
+         exchange_bytes<kHeadDim>();
 }
 
 // Rows of the tile are kHeadDim / 8 chunks of 16 bytes; chunk c of row r is stored at
@@ -97,23 +112,56 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
 }
 
-template <typename T, int kHeadDim, int kWarps, bool kSparse>
+// Sum of key group k's four new probabilities of one row half (the row recipe's order).
+__device__ __forceinline__ float group_sum(const float (&p0)[4], const float (&p1)[4], int half) {
+  return __fadd_rn(__fadd_rn(__fadd_rn(p0[2 * half], p0[2 * half + 1]), p1[2 * half]), p1[2 * half + 1]);
+}
+
+// Sum of a row's four lane partials (lanes 4g..4g+3), the same in all four lanes.
+__device__ __forceinline__ float quad_sum(float x) {
+  x = __fadd_rn(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return __fadd_rn(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// The online-softmax step of one row half: new running max, the shift the tile's
+// probabilities are taken against, and the factor that rescales the old state.
+__device__ __forceinline__ void softmax_step(float& row_max, float tile_max, float& shift, float& alpha) {
+  const float new_max = fmaxf(row_max, tile_max);
+  // A row that has seen nothing yet keeps max -inf; shifting by 0 then avoids
+  // exp2(-inf - -inf) = NaN and still gives exp2(-inf) = 0 for its masked logits.
+  shift = new_max == -INFINITY ? 0.f : new_max;
+  alpha = exp2f(__fsub_rn(row_max, shift));
+  row_max = new_max;
+}
+
+template <typename T, int kHeadDim, int kWarps, bool kSparse, bool kKeySplit>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_attention_kernel(const DecodeAttentionParams p) {
   using E = mma::Element<T>;
   constexpr int kThreads = kWarps * 32;
   constexpr int kStages = stages<kHeadDim>();
   constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowStep = kThreads / kChunksPerRow;          // tile rows one pass of the block covers
-  constexpr int kRowsPerThread = kTileKeys / kRowStep;        // tile rows each thread copies
+  constexpr int kRowStep = kThreads / kChunksPerRow;    // tile rows one pass of the block covers
+  constexpr int kRowsPerThread = kTileKeys / kRowStep;  // tile rows each thread copies
   constexpr int kTileElems = kTileKeys * kHeadDim;
-  constexpr int kBlockRows = kWarps * kRowsPerWarp;
+  constexpr int kBlockRows = kKeySplit ? kRowsPerWarp : kWarps * kRowsPerWarp;
+  // Logit blocks of 8 keys and accumulator blocks of 8 columns this warp owns.
+  constexpr int kLogitBlocks = kKeySplit ? 2 : kTileKeys / 8;
+  constexpr int kAccBlocks = kKeySplit ? kHeadDim / 8 / kKeyGroups : kHeadDim / 8;
+  static_assert(!kKeySplit || kWarps == kKeyGroups, "kKeys: one warp per key group");
   static_assert(kThreads % kChunksPerRow == 0 && kTileKeys % kRowStep == 0, "tile copy mapping");
   static_assert(kBlockRows * kHeadDim <= 2 * kTileElems, "the query tile is staged in pipeline stage 0");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* const kv_smem = reinterpret_cast<T*>(smem_raw);  // stage s: K at 2s * kTileElems, V after it
   int* const vis_smem = reinterpret_cast<int*>(smem_raw + kStages * 2 * kTileElems * sizeof(T));
+  float* const row_exchange = reinterpret_cast<float*>(vis_smem + kStages * kTileKeys);  // [4][16]
+  uint4* const prob_exchange = reinterpret_cast<uint4*>(row_exchange + kKeyGroups * kRowsPerWarp);  // [4][32]
 
   const int split = blockIdx.x;
   const int row_groups = gridDim.y / p.kv_heads;
@@ -127,21 +175,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int rows_total = p.q_len * p.group;
   const int row_base = row_group * kBlockRows;
 
-  // This sequence's list, with unchecked values made safe.
+  // This sequence's list (decode_plan.h), with unchecked values made safe.
   const int kv_len = min(max(p.kv_len[b], 0), p.capacity);
   const int tail_start = kSparse ? min(max(p.tail_start[b], 0), kv_len) : 0;
   const int num_indices = kSparse ? p.num_indices : 0;
-  const int list_len = num_indices + (kv_len - tail_start);
-  const int begin = split * p.split_len;
-  const int end = split == p.num_splits - 1 ? list_len : min(begin + p.split_len, list_len);
-  const int num_tiles = end > begin ? ceil_div(end - begin, kTileKeys) : 0;
+  const int tail_offset = kSparse ? p.tail_offset : 0;
+  const int list_len = decode_list_len(tail_offset, tail_start, kv_len);
+  const int num_tiles = decode_split_tiles(decode_list_tiles(list_len), split, p.num_splits);
 
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
   const int32_t* const index_row =
       kSparse ? p.indices + b * p.indices_stride_b + h * p.indices_stride_h : nullptr;
 
-  // ---- stage the block's query rows (zeros past the last row) and load this warp's A fragments
+  // ---- stage the block's query rows (zeros past the last row) and load the A fragments
   {
     T* q_smem = kv_smem;
     const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride_b;
@@ -167,7 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   __syncthreads();
 
-  const int warp_row0 = warp * kRowsPerWarp;
+  const int warp_row0 = kKeySplit ? 0 : warp * kRowsPerWarp;  // first row of this warp in the block
   const bool warp_active = row_base + warp_row0 < rows_total;
   uint32_t q_frag[kHeadDim / 16][4];
   if (warp_active) {
@@ -196,53 +243,59 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int copy_row0 = tid / kChunksPerRow;
   int prefetched_index[kRowsPerThread];  // raw indices of the next tile to issue (sparse)
 
-  auto prefetch_indices = [&](int tile) {
+  auto first_entry = [&](int j) { return decode_tile_first_entry(split, j, p.num_splits); };
+
+  auto prefetch_indices = [&](int j) {
     if constexpr (kSparse) {
+      const int base = j < num_tiles ? first_entry(j) : INT_MAX - kTileKeys;
 #pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j) {
-        const int e = begin + tile * kTileKeys + copy_row0 + j * kRowStep;
-        prefetched_index[j] = (tile < num_tiles && e < end && e < num_indices) ? index_row[e] : -1;
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const int e = base + copy_row0 + r * kRowStep;
+        prefetched_index[r] = (j < num_tiles && e < num_indices) ? index_row[e] : -1;
       }
     }
   };
 
-  auto issue_tile = [&](int tile) {
-    const int stage = tile % kStages;
+  auto issue_tile = [&](int j) {
+    const int stage = j % kStages;
     T* k_dst = kv_smem + 2 * stage * kTileElems;
     T* v_dst = k_dst + kTileElems;
+    const int base = first_entry(j);
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = copy_row0 + j * kRowStep;
-      const int e = begin + tile * kTileKeys + r;
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = copy_row0 + r * kRowStep;
+      const int e = base + row;
       int position = -1;
       int visible_from = INT_MAX;  // smallest query position that sees this entry
-      if (e < end) {
-        if (kSparse && e < num_indices) {
-          const int index = prefetched_index[j];
-          if (index >= 0 && index < tail_start) {
-            position = index;
-            visible_from = 0;
-          }
-        } else {
-          position = tail_start + (e - num_indices);
-          visible_from = position;
+      if (kSparse && e < num_indices) {
+        const int index = prefetched_index[r];
+        if (index >= 0 && index < tail_start) {
+          position = index;
+          visible_from = 0;
         }
+      } else if (e >= tail_offset && e < list_len) {
+        position = tail_start + (e - tail_offset);
+        visible_from = position;
       }
       const bool valid = position >= 0;
       const int64_t row_offset = valid ? position : 0;
-      mma::cp_async_16(k_dst + swizzled<kHeadDim>(r, copy_chunk), k_head + row_offset * p.k_stride_s + copy_chunk * 8,
-                       valid);
-      mma::cp_async_16(v_dst + swizzled<kHeadDim>(r, copy_chunk), v_head + row_offset * p.v_stride_s + copy_chunk * 8,
-                       valid);
-      if (copy_chunk == 0) vis_smem[stage * kTileKeys + r] = visible_from;
+      mma::cp_async_16(k_dst + swizzled<kHeadDim>(row, copy_chunk),
+                       k_head + row_offset * p.k_stride_s + copy_chunk * 8, valid);
+      mma::cp_async_16(v_dst + swizzled<kHeadDim>(row, copy_chunk),
+                       v_head + row_offset * p.v_stride_s + copy_chunk * 8, valid);
+      if (copy_chunk == 0) vis_smem[stage * kTileKeys + row] = visible_from;
     }
   };
 
-  float acc[kHeadDim / 8][4];
+  float acc[kAccBlocks][4];
 #pragma unroll
-  for (int n = 0; n < kHeadDim / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int n = 0; n < kAccBlocks; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, shared by the 4 lanes of a row
-  float row_sum[2] = {0.f, 0.f};              // this lane's part of the row's sum
+  // This lane's row-sum partials: [key group][row half]; kKeys keeps only its own group.
+  constexpr int kSumGroups = kKeySplit ? 1 : kKeyGroups;
+  float row_sum[kSumGroups][2];
+#pragma unroll
+  for (int k = 0; k < kSumGroups; ++k) row_sum[k][0] = row_sum[k][1] = 0.f;
 
   prefetch_indices(0);
 #pragma unroll
@@ -252,110 +305,152 @@ __global__ void __launch_bounds__(kWarps * 32)
     mma::cp_async_commit();
   }
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    if (tile + kStages - 1 < num_tiles) issue_tile(tile + kStages - 1);
-    prefetch_indices(tile + kStages);
-    mma::cp_async_commit();
-    mma::cp_async_wait<kStages - 1>();
+  for (int j = 0; j < num_tiles; ++j) {
+    mma::cp_async_wait<kStages - 2>();
+    // Tile j has landed for every thread, and every warp is done with tile j - 1, whose
+    // stage the next issue refills.
     __syncthreads();
+    if (j + kStages - 1 < num_tiles) issue_tile(j + kStages - 1);
+    prefetch_indices(j + kStages);
+    mma::cp_async_commit();
 
-    if (warp_active) {
-      const int stage = tile % kStages;
-      const T* k_tile = kv_smem + 2 * stage * kTileElems;
-      const T* v_tile = k_tile + kTileElems;
-      const int* vis = vis_smem + stage * kTileKeys;
+    if (!warp_active) continue;  // kRows only: kKeys warps are always active
+    const int stage = j % kStages;
+    const T* k_tile = kv_smem + 2 * stage * kTileElems;
+    const T* v_tile = k_tile + kTileElems;
+    const int* vis = vis_smem + stage * kTileKeys;
+    const int m = lane / 8;
+    // kKeys: this warp's keys start at 16 * warp.
+    const int key0 = kKeySplit ? 16 * warp : 0;
 
-      // logits[n][.]: keys 8n + 2t4 (+1), rows g (c0, c1) and g + 8 (c2, c3)
-      float logits[kTileKeys / 8][4];
+    // logits[n][.]: keys key0 + 8n + 2t4 (+1), rows g (c0, c1) and g + 8 (c2, c3)
+    float logits[kLogitBlocks][4];
 #pragma unroll
-      for (int n = 0; n < kTileKeys / 8; ++n) logits[n][0] = logits[n][1] = logits[n][2] = logits[n][3] = 0.f;
-      {
-        const int m = lane / 8;
+    for (int n = 0; n < kLogitBlocks; ++n) logits[n][0] = logits[n][1] = logits[n][2] = logits[n][3] = 0.f;
 #pragma unroll
-        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
 #pragma unroll
-          for (int np = 0; np < kTileKeys / 16; ++np) {
-            uint32_t kb[4];
-            const int key = np * 16 + (m / 2) * 8 + lane % 8;
-            mma::ldmatrix_x4(kb, k_tile + swizzled<kHeadDim>(key, ks * 2 + m % 2));
-            E::mma(logits[2 * np], q_frag[ks], kb[0], kb[1]);
-            E::mma(logits[2 * np + 1], q_frag[ks], kb[2], kb[3]);
-          }
-        }
+      for (int np = 0; np < kLogitBlocks / 2; ++np) {
+        uint32_t kb[4];
+        const int key = key0 + np * 16 + (m / 2) * 8 + lane % 8;
+        mma::ldmatrix_x4(kb, k_tile + swizzled<kHeadDim>(key, ks * 2 + m % 2));
+        E::mma(logits[2 * np], q_frag[ks], kb[0], kb[1]);
+        E::mma(logits[2 * np + 1], q_frag[ks], kb[2], kb[3]);
       }
+    }
 
-      float tile_max[2] = {-INFINITY, -INFINITY};
+    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int n = 0; n < kTileKeys / 8; ++n) {
+    for (int n = 0; n < kLogitBlocks; ++n) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int half = c / 2;
-          const bool visible = vis[n * 8 + 2 * t4 + (c & 1)] <= row_pos[half];
-          logits[n][c] = visible ? logits[n][c] * p.scale_log2 : -INFINITY;
-          tile_max[half] = fmaxf(tile_max[half], logits[n][c]);
-        }
+      for (int c = 0; c < 4; ++c) {
+        const int half = c / 2;
+        const bool visible = vis[key0 + n * 8 + 2 * t4 + (c & 1)] <= row_pos[half];
+        logits[n][c] = visible ? __fmul_rn(logits[n][c], p.scale_log2) : -INFINITY;
+        tile_max[half] = fmaxf(tile_max[half], logits[n][c]);
       }
-      float alpha[2], shift[2];
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) tile_max[half] = quad_max(tile_max[half]);
+    if constexpr (kKeySplit) {
+      // The tile max over all four warps' keys (max is exact: any order gives the same).
+      if (t4 == 0) {
+        row_exchange[warp * kRowsPerWarp + g] = tile_max[0];
+        row_exchange[warp * kRowsPerWarp + g + 8] = tile_max[1];
+      }
+      __syncthreads();
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
-        tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
-        const float new_max = fmaxf(row_max[half], tile_max[half]);
-        // A row that has seen nothing yet keeps max -inf; shifting by 0 then avoids
-        // exp2(-inf - -inf) = NaN and still gives exp2(-inf) = 0 for its masked logits.
-        shift[half] = new_max == -INFINITY ? 0.f : new_max;
-        alpha[half] = exp2f(row_max[half] - shift[half]);
-        row_max[half] = new_max;
-      }
-      float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int n = 0; n < kTileKeys / 8; ++n) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          logits[n][c] = exp2f(logits[n][c] - shift[c / 2]);
-          tile_sum[c / 2] += logits[n][c];
-        }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) row_sum[half] = row_sum[half] * alpha[half] + tile_sum[half];
-#pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
-        acc[n][0] *= alpha[0];
-        acc[n][1] *= alpha[0];
-        acc[n][2] *= alpha[1];
-        acc[n][3] *= alpha[1];
-      }
-
-      // P.V: the probabilities' accumulator layout is already mma's A layout.
-      const int m = lane / 8;
-#pragma unroll
-      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-        const uint32_t pa[4] = {E::pack(logits[2 * kk][0], logits[2 * kk][1]),
-                                E::pack(logits[2 * kk][2], logits[2 * kk][3]),
-                                E::pack(logits[2 * kk + 1][0], logits[2 * kk + 1][1]),
-                                E::pack(logits[2 * kk + 1][2], logits[2 * kk + 1][3])};
-        const int key = kk * 16 + (m % 2) * 8 + lane % 8;
-#pragma unroll
-        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-          uint32_t vb[4];
-          mma::ldmatrix_x4_trans(vb, v_tile + swizzled<kHeadDim>(key, dp * 2 + m / 2));
-          E::mma(acc[2 * dp], pa, vb[0], vb[1]);
-          E::mma(acc[2 * dp + 1], pa, vb[2], vb[3]);
+        for (int w = 0; w < kKeyGroups; ++w) {
+          tile_max[half] = fmaxf(tile_max[half], row_exchange[w * kRowsPerWarp + g + 8 * half]);
         }
       }
     }
-    __syncthreads();  // the next iteration refills this stage
+    float alpha[2], shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) softmax_step(row_max[half], tile_max[half], shift[half], alpha[half]);
+#pragma unroll
+    for (int n = 0; n < kLogitBlocks; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) logits[n][c] = exp2f(__fsub_rn(logits[n][c], shift[c / 2]));
+    }
+#pragma unroll
+    for (int k = 0; k < kSumGroups; ++k) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        row_sum[k][half] = __fmaf_rn(row_sum[k][half], alpha[half], group_sum(logits[2 * k], logits[2 * k + 1], half));
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kAccBlocks; ++n) {
+      acc[n][0] = __fmul_rn(acc[n][0], alpha[0]);
+      acc[n][1] = __fmul_rn(acc[n][1], alpha[0]);
+      acc[n][2] = __fmul_rn(acc[n][2], alpha[1]);
+      acc[n][3] = __fmul_rn(acc[n][3], alpha[1]);
+    }
+
+    // P.V: the probabilities' accumulator layout is already mma's A layout (16 keys kk).
+    auto probabilities = [&](int kk) {
+      uint4 pa;
+      pa.x = E::pack(logits[2 * kk][0], logits[2 * kk][1]);
+      pa.y = E::pack(logits[2 * kk][2], logits[2 * kk][3]);
+      pa.z = E::pack(logits[2 * kk + 1][0], logits[2 * kk + 1][1]);
+      pa.w = E::pack(logits[2 * kk + 1][2], logits[2 * kk + 1][3]);
+      return pa;
+    };
+    if constexpr (kKeySplit) {
+      prob_exchange[warp * 32 + lane] = probabilities(0);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+      const uint4 packed = kKeySplit ? prob_exchange[kk * 32 + lane] : probabilities(kKeySplit ? 0 : kk);
+      const uint32_t pa[4] = {packed.x, packed.y, packed.z, packed.w};
+      const int key = kk * 16 + (m % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int dl = 0; dl < kAccBlocks / 2; ++dl) {
+        // kKeys: this warp's columns start at 16-column chunk warp * kAccBlocks / 2.
+        const int dp = (kKeySplit ? warp * (kAccBlocks / 2) : 0) + dl;
+        uint32_t vb[4];
+        mma::ldmatrix_x4_trans(vb, v_tile + swizzled<kHeadDim>(key, dp * 2 + m / 2));
+        E::mma(acc[2 * dl], pa, vb[0], vb[1]);
+        E::mma(acc[2 * dl + 1], pa, vb[2], vb[3]);
+      }
+    }
   }
   mma::cp_async_wait<0>();  // no copy may outlive the block (they are all empty by now)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge (a dependent launch) may start its blocks now; it waits for this grid's
+  // completion before reading anything.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 
-  if (!warp_active) return;
-
-  // ---- epilogue: full row sums, then the output (one split) or the split's partial
+  // ---- epilogue: the row sums, then the output (one split) or the split's partial
+  float sum[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
-    row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+    if constexpr (kKeySplit) {
+      const float mine = quad_sum(row_sum[0][half]);
+      if (t4 == 0) row_exchange[warp * kRowsPerWarp + g + 8 * half] = mine;
+    } else {
+      float group[kKeyGroups];
+#pragma unroll
+      for (int k = 0; k < kKeyGroups; ++k) group[k] = quad_sum(row_sum[k][half]);
+      sum[half] = __fadd_rn(__fadd_rn(group[0], group[1]), __fadd_rn(group[2], group[3]));
+    }
   }
+  if constexpr (kKeySplit) {
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float* l = row_exchange + g + 8 * half;
+      sum[half] = __fadd_rn(__fadd_rn(l[0], l[kRowsPerWarp]), __fadd_rn(l[2 * kRowsPerWarp], l[3 * kRowsPerWarp]));
+    }
+  }
+  if (!warp_active) return;
+
+  const int col0 = kKeySplit ? warp * kAccBlocks * 8 : 0;  // first head_dim column of acc
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_base + warp_row0 + g + 8 * half;
@@ -363,71 +458,117 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int i = row / p.group;
     const int head = h * p.group + row % p.group;
     const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + i) * p.q_heads + head;
-    const float inv_sum = row_sum[half] > 0.f ? 1.f / row_sum[half] : 0.f;
+    const bool saw_something = sum[half] > 0.f;
+    const float inv_sum = saw_something ? __fdiv_rn(1.f, sum[half]) : 0.f;
     if (p.num_splits == 1) {
-      T* dst = static_cast<T*>(p.out) + out_row * kHeadDim;
+      T* dst = static_cast<T*>(p.out) + out_row * kHeadDim + col0;
 #pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
+      for (int n = 0; n < kAccBlocks; ++n) {
         *reinterpret_cast<uint32_t*>(dst + n * 8 + 2 * t4) =
-            E::pack(acc[n][2 * half] * inv_sum, acc[n][2 * half + 1] * inv_sum);
+            E::pack(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
       }
     } else {
       const int64_t partial_row = out_row * p.num_splits + split;
-      float* dst = p.partial_out + partial_row * kHeadDim;
+      float* dst = p.partial_out + partial_row * kHeadDim + col0;
 #pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
+      for (int n = 0; n < kAccBlocks; ++n) {
         *reinterpret_cast<float2*>(dst + n * 8 + 2 * t4) =
-            make_float2(acc[n][2 * half] * inv_sum, acc[n][2 * half + 1] * inv_sum);
+            make_float2(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
       }
-      if (t4 == 0) {
-        p.partial_lse[partial_row] = row_sum[half] > 0.f ? row_max[half] + log2f(row_sum[half]) : -INFINITY;
+      if (t4 == 0 && (!kKeySplit || warp == 0)) {
+        p.partial_lse[partial_row] = saw_something ? __fadd_rn(row_max[half], log2f(sum[half])) : -INFINITY;
       }
     }
   }
 }
 
-// One warp per output row: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), splits in
-// order; splits the row never saw (lse = -inf) are skipped, a row that saw nothing is 0.
+// One block per output row merges all num_splits partials at once: thread s takes split
+// s's log2-sum-exp (block max M, weight 2^(lse_s - M)), then warp w accumulates the
+// weighted partials of splits w, w + 8, ... with one vector load per lane and split, and
+// the 8 warp sums are added in warp order. A split the row never saw has weight 0 and a
+// zero partial: no branch. Deterministic, and the same for every Qn (num_splits is).
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(128) merge_splits_kernel(const float* __restrict__ partial_out,
-                                                            const float* __restrict__ partial_lse, T* __restrict__ out,
-                                                            int64_t num_rows, int num_splits) {
+__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const float* __restrict__ partial_out,
+                                                                      const float* __restrict__ partial_lse,
+                                                                      T* __restrict__ out, int num_splits) {
   using E = mma::Element<T>;
-  constexpr int kPerLane = kHeadDim / 32;  // 2 or 4 contiguous elements
+  constexpr int kWarps = kMergeThreads / 32;
+  constexpr int kPerLane = kHeadDim / 32;  // 2 or 4 contiguous columns: one 8- or 16-byte load
+  static_assert(kDecodeMaxSplits <= kMergeThreads, "one split per thread");
+  __shared__ float weights[kDecodeMaxSplits];
+  __shared__ float warp_values[kWarps];
+  __shared__ float column_sums[kWarps][kHeadDim];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a dependent grid, this kernel's blocks start while the attention kernel
   // drains; they wait here until its writes are complete and visible. A no-op otherwise.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  if (row >= num_rows) return;
-  const int lane = threadIdx.x % 32;
-  const float* lse = partial_lse + row * num_splits;
-  float max_lse = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, lse[s]);
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  const float lse = tid < num_splits ? partial_lse[row * num_splits + tid] : -INFINITY;
+  float value = lse;
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, delta));
+  if (lane == 0) warp_values[warp] = value;
+  __syncthreads();
+  float max_lse = warp_values[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) max_lse = fmaxf(max_lse, warp_values[w]);
+  // A row that saw nothing: every weight exp2(-inf) = 0 and the output 0.
+  const float shift = max_lse == -INFINITY ? 0.f : max_lse;
+  const float weight = exp2f(__fsub_rn(lse, shift));
+  if (tid < kDecodeMaxSplits) weights[tid] = weight;
+  value = weight;
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) value = __fadd_rn(value, __shfl_xor_sync(0xffffffffu, value, delta));
+  __syncthreads();  // every thread has read warp_values (the max) before it is reused
+  if (lane == 0) warp_values[warp] = value;
+  __syncthreads();
+
   float total[kPerLane] = {};
-  float weight_sum = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      if (lse[s] == -INFINITY) continue;
-      const float w = exp2f(lse[s] - max_lse);
-      weight_sum += w;
-      const float* o = partial_out + (row * num_splits + s) * kHeadDim + lane * kPerLane;
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) total[e] += w * o[e];
+  const float* partials = partial_out + row * num_splits * int64_t{kHeadDim} + lane * kPerLane;
+#pragma unroll 4
+  for (int s = warp; s < num_splits; s += kWarps) {
+    const float w = weights[s];
+    float o[kPerLane];
+    if constexpr (kPerLane == 4) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(partials + int64_t{s} * kHeadDim));
+      o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+    } else {
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(partials + int64_t{s} * kHeadDim));
+      o[0] = v.x, o[1] = v.y;
     }
-  }
-  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
-  T* dst = out + row * kHeadDim + lane * kPerLane;
 #pragma unroll
-  for (int e = 0; e < kPerLane; e += 2) {
-    *reinterpret_cast<uint32_t*>(dst + e) = E::pack(total[e] * inv, total[e + 1] * inv);
+    for (int e = 0; e < kPerLane; ++e) total[e] = __fmaf_rn(w, o[e], total[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) column_sums[warp][lane * kPerLane + e] = total[e];
+  float weight_sum = warp_values[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) weight_sum = __fadd_rn(weight_sum, warp_values[w]);
+  __syncthreads();
+
+  if (tid < kHeadDim / 2) {
+    const float inv = weight_sum > 0.f ? __fdiv_rn(1.f, weight_sum) : 0.f;
+    float pair[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float column = column_sums[0][2 * tid + e];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) column = __fadd_rn(column, column_sums[w][2 * tid + e]);
+      pair[e] = __fmul_rn(column, inv);
+    }
+    *reinterpret_cast<uint32_t*>(out + row * kHeadDim + 2 * tid) = E::pack(pair[0], pair[1]);
   }
 }
 
 // Whether the merge kernel's code on the current device was compiled for sm_90+ (PTX
 // >= 9.0), i.e. contains the griddepcontrol.wait that makes a dependent launch safe (sm_80
-// code JIT-run on a Hopper GPU does not). Asked once per device.
+// code JIT-run on a Hopper GPU does not). Asked once per device: a property of the binary
+// and the device, which a device reset does not change.
 template <typename T, int kHeadDim>
 bool merge_compiled_for_sm90() {
   static std::atomic<uint64_t> asked{0}, answer{0};
@@ -444,68 +585,65 @@ bool merge_compiled_for_sm90() {
   return (answer.load() & bit) != 0;
 }
 
-template <typename T, int kHeadDim, int kWarps, bool kSparse>
+// Whether a dependent launch may go to `stream` now. Under stream capture it becomes a
+// programmatic graph edge, which CUDA graphs support from CUDA 12.3 (runtime and driver);
+// an older one, or a stream whose capture state cannot be read, gets a plain launch.
+inline bool dependent_launch_allowed(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();  // e.g. the legacy stream while another stream captures
+    return false;
+  }
+  if (status == cudaStreamCaptureStatusNone) return true;
+  static const bool graphs_take_it = [] {
+    int runtime = 0, driver = 0;
+    const bool known = cudaRuntimeGetVersion(&runtime) == cudaSuccess && cudaDriverGetVersion(&driver) == cudaSuccess;
+    if (!known) cudaGetLastError();
+    return known && runtime >= 12030 && driver >= 12030;
+  }();
+  return status == cudaStreamCaptureStatusActive && graphs_take_it;
+}
+
+template <typename T, int kHeadDim, int kWarps, bool kSparse, bool kKeySplit>
+constexpr auto decode_kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse, kKeySplit>;
+
+template <typename T, int kHeadDim, int kWarps, bool kSparse, bool kKeySplit>
 cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int row_groups, cudaStream_t stream) {
-  constexpr auto kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse>;
+  constexpr auto kernel = decode_kernel<T, kHeadDim, kWarps, kSparse, kKeySplit>;
   constexpr int kSmem = smem_bytes<T, kHeadDim>();
-  cudaError_t err = mma::allow_dynamic_smem<kernel, kSmem>();
-  if (err != cudaSuccess) return err;
   const dim3 grid(p.num_splits, p.kv_heads * row_groups, p.batch);
-  kernel<<<grid, kWarps * 32, kSmem, stream>>>(p);
-  err = cudaGetLastError();
+  cudaError_t err = mma::launch_with_dynamic_smem<kernel, kSmem>(
+      [&] { kernel<<<grid, kWarps * 32, kSmem, stream>>>(p); });
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.q_heads;
-  // The merge is tiny and latency-bound; on sm_90 its launch overlaps the attention
+  // The merge is small and latency-bound; on sm_90 its launch overlaps the attention
   // kernel's tail (programmatic dependent launch) instead of waiting for it to finish.
   // Only where the merge kernel was compiled for sm_90+ (PTX >= 9.0), i.e. contains the
   // griddepcontrol.wait that makes this safe: sm_80 code JIT-run on a Hopper GPU does not.
-  const bool merge_waits_on_grid = merge_compiled_for_sm90<T, kHeadDim>();
+  const bool dependent = merge_compiled_for_sm90<T, kHeadDim>() && dependent_launch_allowed(stream);
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((rows + 3) / 4));
-  config.blockDim = dim3(128);
+  config.gridDim = dim3(static_cast<unsigned>(rows));  // the glue bounds rows by the grid limit
+  config.blockDim = dim3(kMergeThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute dependent_launch[1];
   dependent_launch[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent_launch[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = dependent_launch;
-  config.numAttrs = merge_waits_on_grid ? 1 : 0;
+  config.numAttrs = dependent ? 1 : 0;
   return cudaLaunchKernelEx(&config, merge_splits_kernel<T, kHeadDim>, static_cast<const float*>(p.partial_out),
-                            static_cast<const float*>(p.partial_lse), static_cast<T*>(p.out), rows, p.num_splits);
-}
-
-// Blocks the launch aims for: one per SM. A block keeps kStages x 32 KB of K/V in flight,
-// more than an SM needs to saturate its share of HBM, and fewer splits keep the partials
-// (written and read once more by the merge) small next to the K/V bytes.
-inline int target_splits(int batch, int kv_heads, int sm_count) {
-  const long long heads = static_cast<long long>(batch) * kv_heads;
-  return heads <= 0 ? 1 : ceil_div(sm_count > 0 ? sm_count : 1, heads);
+                            static_cast<const float*>(p.partial_lse), static_cast<T*>(p.out), p.num_splits);
 }
 
 }  // namespace decode_detail
 
-// Split plan of dense_attention: a function of the cache capacity, never of kv_len or Qn,
-// so every call on the same cache cuts a row's keys at the same positions.
-inline DecodeSplitPlan plan_dense_splits(int capacity, int batch, int kv_heads, int sm_count) {
+// Resident blocks per SM of the kKeys kernel, the plan's blocks_per_sm: the same for every
+// Qn (the split count must not depend on it), and the layout that runs plain decoding.
+template <typename T, int kHeadDim, bool kSparse>
+int decode_blocks_per_sm() {
   using namespace decode_detail;
-  constexpr int kMinSplit = 2 * kTileKeys;  // short contexts: more blocks beat deeper pipelines
-  const int wanted = target_splits(batch, kv_heads, sm_count);
-  int split_len = ceil_div(ceil_div(capacity > 0 ? capacity : 1, wanted), kTileKeys) * kTileKeys;
-  if (split_len < kMinSplit) split_len = kMinSplit;
-  const int num_splits = ceil_div(capacity > 0 ? capacity : 1, split_len);
-  return {num_splits < 1 ? 1 : num_splits, split_len};
-}
-
-// Split plan of sparse_attention: a function of the keep-set width N; the tail (positions
-// tail_start .. kv_len - 1, usually the generated tokens) goes to the last split.
-inline DecodeSplitPlan plan_sparse_splits(int num_indices, int batch, int kv_heads, int sm_count) {
-  using namespace decode_detail;
-  constexpr int kMinSplit = kTileKeys;  // keep sets are short: latency, not bandwidth
-  const int wanted = target_splits(batch, kv_heads, sm_count);
-  int split_len = ceil_div(ceil_div(num_indices > 0 ? num_indices : 1, wanted), kTileKeys) * kTileKeys;
-  if (split_len < kMinSplit) split_len = kMinSplit;
-  const int num_splits = ceil_div(num_indices, split_len);
-  return {num_splits < 1 ? 1 : num_splits, split_len};
+  return mma::resident_blocks_per_sm<decode_kernel<T, kHeadDim, 4, kSparse, true>, 4 * 32,
+                                     smem_bytes<T, kHeadDim>()>();
 }
 
 // Shapes of the partial buffers a plan needs (none when num_splits == 1).
@@ -518,17 +656,21 @@ inline int64_t decode_partial_rows(const DecodeAttentionParams& p) {
 //   partial_out [B * Qn * H_q * num_splits, D] and partial_lse [B * Qn * H_q * num_splits]
 //   fp32, both only when num_splits > 1. T is __nv_bfloat16 or __half; kHeadDim 64 or 128;
 //   kSparse: p.indices and p.tail_start are set (sparse_attention), else dense_attention.
-// Up to 64 rows (Qn x G) run on 4 warps, up to 128 on 8; beyond that further row groups
-// serve the rest and read the K/V rows again.
+//   p.num_splits / p.tail_offset and `plan` come from plan_decode_attention (decode_plan.h).
+// kRows: up to 64 rows (Qn x G) run on 4 warps, up to 128 on 8; beyond that further row
+// groups serve the rest and read the K/V rows again.
 template <typename T, int kHeadDim, bool kSparse>
-cudaError_t launch_decode_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_attention(const DecodeAttentionParams& p, const DecodeSplitPlan& plan,
+                                    cudaStream_t stream) {
   using namespace decode_detail;
-  const int rows = p.q_len * p.group;
-  if (p.batch == 0 || rows == 0) return cudaSuccess;
-  if (rows <= 4 * kRowsPerWarp) {
-    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse>(p, 1, stream);
+  if (p.batch == 0 || p.q_len * p.group == 0) return cudaSuccess;
+  if (plan.layout == DecodeLayout::kKeys) {
+    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, true>(p, 1, stream);
   }
-  return launch_decode_attention_variant<T, kHeadDim, 8, kSparse>(p, ceil_div(rows, 8 * kRowsPerWarp), stream);
+  if (plan.warps == 4) {
+    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, false>(p, plan.row_groups, stream);
+  }
+  return launch_decode_attention_variant<T, kHeadDim, 8, kSparse, false>(p, plan.row_groups, stream);
 }
 
 }  // namespace std_ext::kernels

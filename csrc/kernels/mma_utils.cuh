@@ -113,18 +113,62 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Opts kKernel into kBytes of dynamic shared memory (past the default 48 KB) once per
 // device, so that calls after the first (e.g. under CUDA-graph capture) make no runtime
-// call besides the launches.
+// call besides the launches. A device reset (cudaDeviceReset) drops the setting but not
+// this flag: launch_with_dynamic_smem below notices and sets it again.
 template <auto kKernel, int kBytes>
-cudaError_t allow_dynamic_smem() {
+cudaError_t allow_dynamic_smem(bool force = false) {
   static std::atomic<uint64_t> configured_devices{0};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (configured_devices.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  if (!force && bit != 0 && (configured_devices.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
   err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (err == cudaSuccess) configured_devices.fetch_or(bit, std::memory_order_relaxed);
   return err;
+}
+
+// Runs `launch` (which launches kKernel with kBytes of dynamic shared memory) and returns
+// its launch error. A launch refused after a device reset, whose fresh context no longer
+// has the opt-in, sets the attribute again and is retried once; the common path costs
+// nothing beyond the launch.
+template <auto kKernel, int kBytes, typename Launch>
+cudaError_t launch_with_dynamic_smem(Launch&& launch) {
+  cudaError_t err = allow_dynamic_smem<kKernel, kBytes>();
+  if (err != cudaSuccess) return err;
+  launch();
+  err = cudaGetLastError();
+  if (err == cudaSuccess || kBytes <= 48 * 1024) return err;
+  if (allow_dynamic_smem<kKernel, kBytes>(/*force=*/true) != cudaSuccess) return err;
+  launch();
+  return cudaGetLastError();
+}
+
+// Blocks of kKernel (kThreads threads, kBytes of dynamic shared memory) that one SM holds
+// at once, from the occupancy API; asked once per device (a property of the code and the
+// device, which a device reset does not change). At least 1.
+template <auto kKernel, int kThreads, int kBytes>
+int resident_blocks_per_sm() {
+  static std::atomic<int> answers[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  if (device < 64) {
+    const int known = answers[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int blocks = 0;
+  // The opt-in first: above 48 KB the occupancy calculator counts only what the kernel may use.
+  if (allow_dynamic_smem<kKernel, kBytes>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kThreads, kBytes) != cudaSuccess) {
+    cudaGetLastError();  // 1 is a safe answer (not remembered); the launch reports any real problem
+    return 1;
+  }
+  if (blocks < 1) return 1;
+  if (device < 64) answers[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
 }  // namespace std_ext::kernels::mma
