@@ -9,7 +9,9 @@
 //   1. Radix selection of the k-th best key. Each score maps to a 32-bit key whose
 //      unsigned order is the score order (order_key). Three passes over 11/11/10-bit
 //      digits, high bits first, each build a 2048-bin histogram of the keys that match the
-//      digits chosen so far and pick the digit holding the k-th best. A row stops early
+//      digits chosen so far and pick the digit holding the k-th best. The first pass, where
+//      softmax scores' few exponents send most keys to a few bins, aggregates its shared-
+//      memory atomics per warp and bin. A row stops early
 //      once the chosen bin holds exactly as many keys as are still needed (they are all
 //      taken, no tie to break), or at once when it has at most k candidates (all taken).
 //   2. Ordered compaction. The survivors are every key above the chosen prefix plus the
@@ -145,12 +147,13 @@ struct SelectStorage {
   uint32_t count_in_digit;
 };
 
-// Calls visit(key) for every candidate in [begin, end) of the row, in no particular order.
-// Strided by the block so that a warp's loads are coalesced.
+// Calls visit(key, allowed) for every position in [begin, end) of the row, in no
+// particular order; a warp's lanes call it together. Strided by the block so that a warp's
+// loads are coalesced.
 template <int kThreads, typename Visit>
-__device__ __forceinline__ void for_each_candidate_key(const float* __restrict__ row_scores,
-                                                       const uint8_t* __restrict__ row_mask, int64_t begin,
-                                                       int64_t end, Visit&& visit) {
+__device__ __forceinline__ void for_each_position_key(const float* __restrict__ row_scores,
+                                                      const uint8_t* __restrict__ row_mask, int64_t begin,
+                                                      int64_t end, Visit&& visit) {
   for (int64_t base = begin + threadIdx.x; base < end; base += int64_t{kThreads} * kHistogramUnroll) {
     float scores[kHistogramUnroll];
     uint8_t allowed[kHistogramUnroll];
@@ -162,10 +165,35 @@ __device__ __forceinline__ void for_each_candidate_key(const float* __restrict__
       scores[u] = pos < end ? __ldg(row_scores + pos) : 0.0f;
     }
 #pragma unroll
-    for (int u = 0; u < kHistogramUnroll; ++u) {
-      if (allowed[u]) visit(order_key(scores[u]));
-    }
+    for (int u = 0; u < kHistogramUnroll; ++u) visit(order_key(scores[u]), allowed[u] != 0);
   }
+}
+
+// Calls visit(key) for every candidate in [begin, end) of the row, in no particular order.
+template <int kThreads, typename Visit>
+__device__ __forceinline__ void for_each_candidate_key(const float* __restrict__ row_scores,
+                                                       const uint8_t* __restrict__ row_mask, int64_t begin,
+                                                       int64_t end, Visit&& visit) {
+  for_each_position_key<kThreads>(row_scores, row_mask, begin, end, [&](uint32_t key, bool allowed) {
+    if (allowed) visit(key);
+  });
+}
+
+// The first pass's histogram (every candidate, top 11 key bits) with warp-aggregated
+// atomics: softmax scores share few exponents, so most of a warp's keys land in a handful of
+// bins, and one atomic per distinct bin and warp (adding the number of lanes that hit it)
+// replaces up to 32 colliding ones. The lanes that reach the match together aggregate.
+template <int kThreads>
+__device__ __forceinline__ void accumulate_first_histogram(const float* __restrict__ row_scores,
+                                                           const uint8_t* __restrict__ row_mask, int64_t begin,
+                                                           int64_t end, uint32_t* histogram) {
+  constexpr uint32_t kNoBin = kRadixBins;
+  const int lane = threadIdx.x & 31;
+  for_each_position_key<kThreads>(row_scores, row_mask, begin, end, [&](uint32_t key, bool allowed) {
+    const uint32_t bin = allowed ? key >> pass_shift(0) : kNoBin;
+    const unsigned peers = __match_any_sync(__activemask(), bin);
+    if (bin != kNoBin && lane == __ffs(peers) - 1) atomicAdd(&histogram[bin], static_cast<uint32_t>(__popc(peers)));
+  });
 }
 
 // Adds the digit of `pass` of every candidate matching `selection` into `histogram`
@@ -175,6 +203,10 @@ __device__ __forceinline__ void accumulate_histogram(const float* __restrict__ r
                                                      const uint8_t* __restrict__ row_mask, int64_t begin,
                                                      int64_t end, const RowSelection& selection, int pass,
                                                      uint32_t* histogram) {
+  if (pass == 0) {
+    accumulate_first_histogram<kThreads>(row_scores, row_mask, begin, end, histogram);
+    return;
+  }
   const int shift = pass_shift(pass);
   const uint32_t digit_mask = pass_digit_mask(pass);
   const uint32_t prefix = selection.prefix;
