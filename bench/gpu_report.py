@@ -19,7 +19,10 @@ What it reads: the ``benchmarks`` entries of pytest-benchmark's JSON whose
   (device copy bandwidth, read + write bytes), ``matmul_TFLOPs`` (bf16 8192^3 matmul),
   ``l2_bytes``, ``device``, ``torch``;
 - attention ops: ``bytes_kv`` (K and V bytes that must be read once); ``sparse_attention``: ``keep``,
-  ``tail``; ``attention_scores`` and ``prefill_selection``: ``T``, ``S``, ``flops`` (QK^T only);
+  ``tail``; decode kernels (optional): ``merge_us`` / ``attention_us`` (per-call GPU time of the
+  split merge and of the attention kernel, from torch.profiler); dense at Qn 1: ``rows_twin`` (an
+  ``impl == "kernel_rows"`` entry of the same pair times the one-math-warp layout);
+  ``attention_scores`` and ``prefill_selection``: ``T``, ``S``, ``flops`` (QK^T only);
   ``topk_indices``: ``rows``, ``B``, ``H``, ``S``, ``k``; ``prefill_selection``: ``layers``.
 
 Which time each figure uses:
@@ -86,6 +89,14 @@ TARGETS = [
            lambda i: i.get("T") == 256 and i.get("S") == 131072),
     Target("prefill_selection", "28 layers <= 30 ms (S=128K, T=128)", "total_ms", "<=", 30.0,
            lambda i: i.get("layers") == 28 and i.get("S") == 131072 and i.get("T") == 128),
+    # Issue 16 (decode kernels): the split merge in parallel, four math warps at Qn = 1, the
+    # draft's tail on splits of its own. Only where a run measured the figure.
+    Target("dense_attention", "merge <= 0.10 x attention (>= 32K)", "merge_share", "<=", 0.10,
+           lambda i: _long(i) and i.get("merge_us") is not None),
+    Target("dense_attention", "keys layout >= rows layout (Qn=1)", "rows_over_keys", ">=", 1.0,
+           lambda i: i.get("qn") == 1 and bool(i.get("rows_twin"))),
+    Target("sparse_attention", "tail 1024 <= 1.2 x tail 64 (B=1, Qn=1)", "tail_ratio", "<=", 1.2,
+           lambda i: i.get("tail") == 1024 and i.get("batch") == 1 and i.get("qn") == 1),
 ]
 
 
@@ -114,14 +125,17 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
 
     Keys (None when not applicable or not measured): time_us, cold_time_us, host_time_us, bw_GBps, bw_ratio,
     warm_bw_ratio, l2_resident, tflops, tflops_ratio, kernel_over_torch, cold_kernel_over_torch,
-    qn10_over_qn1, total_ms, targets (list of {target, metric, value, pass}).
+    qn10_over_qn1, total_ms, merge_share (merge / attention kernel time), rows_over_keys (time of the
+    rows-layout twin / time), rows_bw_ratio (its bandwidth over copy), tail_ratio (sparse: time / time
+    at tail 64), targets (list of {target, metric, value, pass}).
     """
     info = entry.get("extra_info") or {}
     warm = _median(entry)
     cold = info.get("cold_time_s")
     gpu = cold or warm  # see the module docstring: efficiency figures use the cold-L2 time
     m: dict = {k: None for k in ("bw_GBps", "bw_ratio", "warm_bw_ratio", "l2_resident", "tflops", "tflops_ratio",
-                                 "kernel_over_torch", "cold_kernel_over_torch", "qn10_over_qn1", "total_ms")}
+                                 "kernel_over_torch", "cold_kernel_over_torch", "qn10_over_qn1", "total_ms",
+                                 "merge_share", "rows_over_keys", "rows_bw_ratio", "tail_ratio")}
     m["time_us"] = warm * 1e6 if warm is not None else None
     m["cold_time_us"] = cold * 1e6 if cold else None
     m["host_time_us"] = info["host_time_s"] * 1e6 if info.get("host_time_s") else None
@@ -141,7 +155,7 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
         m["kernel_over_torch"] = _ratio(warm, _median(twin))
         m["cold_kernel_over_torch"] = _ratio(cold, (twin.get("extra_info") or {}).get("cold_time_s"))
     if info.get("op") in ("dense_attention", "sparse_attention") and (info.get("qn") or 1) > 1:
-        same = {"keep": info.get("keep")} if info.get("op") == "sparse_attention" else {}
+        same = {"keep": info.get("keep"), "tail": info.get("tail")} if info.get("op") == "sparse_attention" else {}
         base = _find(entries, suite=SUITE, op=info.get("op"), impl="kernel", batch=info.get("batch"),
                      context=info.get("context"), qn=1, **same)
         if base is not None:
@@ -149,6 +163,19 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
             m["qn10_over_qn1"] = _ratio(cold, base_cold) if cold and base_cold else _ratio(warm, _median(base))
     if info.get("op") == "prefill_selection" and warm is not None:
         m["total_ms"] = warm * 1e3
+    if info.get("merge_us") is not None and info.get("attention_us"):
+        m["merge_share"] = info["merge_us"] / info["attention_us"]
+    rows = _find(entries, suite=SUITE, pair=info.get("pair"), impl="kernel_rows")
+    if rows is not None:
+        rows_gpu = (rows.get("extra_info") or {}).get("cold_time_s") or _median(rows)
+        m["rows_over_keys"] = _ratio(rows_gpu, gpu)
+        if bytes_kv and rows_gpu:
+            m["rows_bw_ratio"] = _ratio(bytes_kv / rows_gpu / 1e9, copy)
+    if info.get("op") == "sparse_attention" and (info.get("tail") or 64) != 64:
+        base = _find(entries, suite=SUITE, op="sparse_attention", impl="kernel", batch=info.get("batch"),
+                     keep=info.get("keep"), qn=info.get("qn"), tail=64)
+        if base is not None:
+            m["tail_ratio"] = _ratio(gpu, (base.get("extra_info") or {}).get("cold_time_s") or _median(base))
     m["targets"] = [
         {"target": t.label, "metric": t.metric, "value": m.get(t.metric), "pass": t.check(m.get(t.metric))}
         for t in TARGETS if t.op == info.get("op") and t.applies(info)
@@ -191,7 +218,7 @@ def _sort_key(info: dict):
     op = info.get("op")
     rank = OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER)
     return (rank, info.get("batch") or 0, info.get("rows") or 0, info.get("S") or info.get("context") or 0,
-            info.get("T") or 0, info.get("keep") or 0, info.get("qn") or 0)
+            info.get("T") or 0, info.get("keep") or 0, info.get("qn") or 0, info.get("tail") or 0)
 
 
 def build_rows(entries: list[dict]) -> list[dict]:
@@ -269,6 +296,20 @@ def markdown(rows: list[dict], entries: Optional[list[dict]] = None) -> str:
         out.append(f"| {r['op']} | {r['shape']} | {warm} | {_us(r.get('cold_time_us'))} | {_us(r.get('host_time_us'))} | "
                    f"{_efficiency(r)} | "
                    f"{_num(r.get('kernel_over_torch'))} | {_num(r.get('qn10_over_qn1'))} | {targets} |")
+    decode = [r for r in rows if any(r.get(k) is not None for k in ("merge_share", "rows_over_keys", "tail_ratio"))]
+    if decode:
+        out.append("")
+        out.append("Decode kernels: merge share (merge_splits_kernel / decode_attention_kernel GPU time), the "
+                   "keys layout against the one-math-warp rows layout at Qn = 1 (bandwidth before / after), "
+                   "draft time against tail length (cold time / tail 64):")
+        out.append("")
+        out.append("| op | shape | merge / attention | rows layout bandwidth | keys layout bandwidth | rows / keys time | "
+                   "time / tail 64 |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in decode:
+            out.append(f"| {r['op']} | {r['shape']} | {_num(r.get('merge_share'), 3)} | {_num(r.get('rows_bw_ratio'))} | "
+                       f"{_num(r.get('bw_ratio')) if r.get('rows_bw_ratio') is not None else '-'} | "
+                       f"{_num(r.get('rows_over_keys'))} | {_num(r.get('tail_ratio'))} |")
     checked = [(r, t) for r in rows for t in r["targets"]]
     if checked:
         out.append("")

@@ -17,7 +17,8 @@ transposed view. Cases (each a kernel benchmark and its PyTorch twin, ``bench/to
   batch 1 and 8 (batch 8 x 128K: 2 GiB of K+V). Twin: SDPA with enable_gqa.
 - sparse_attention: keep sets of 1024 and 2048 random sorted distinct positions below tail_start
   per (sequence, KV head) + a 64-token tail, context 32K, batch 1, 8, 32, Qn 1 (the draft); also
-  Qn 10 at batch 1, keep 1024. Twin: index_select gather + SDPA.
+  Qn 10 at batch 1, keep 1024, and the draft (B 1, keep 1024, Qn 1) with tails of 256, 1024 and
+  4096 generated tokens (draft time against tail length). Twin: index_select gather + SDPA.
 - attention_scores: one layer's prefill score, batch 1, S = 32K and 128K, T = 64 and 256
   observation queries at positions S-T .. S-1. Twin: grouped matmul + float32 softmax + mean.
 - topk_indices: k = 1024 of 128K float32 scores (a random permutation per row: no ties, so kernel
@@ -54,7 +55,13 @@ targets; ``bench/conftest.py`` prints kernel / torch for every pair):
   8192^3 ``torch.matmul`` rate (session fixture, best of 10);
 - kernel / torch (warm medians): the twin reads integer tensors with ``.tolist()``, a host sync
   per call that is part of the PyTorch path's cost; a twin that runs out of memory is skipped;
-- dense Qn10 / Qn1 at the same context and batch (cold times).
+- dense Qn10 / Qn1 at the same context and batch (cold times);
+- the decode kernels' split merge: per-call GPU time of merge_splits_kernel over that of
+  decode_attention_kernel (torch.profiler over a few calls, outside the timed region);
+- dense at Qn 1 is also timed with ``STD_EXT_DECODE_LAYOUT=rows`` (impl ``kernel_rows``: the
+  one-math-warp layout that the default keys layout replaced; the same bits, checked), so the
+  bandwidth before and after shows in one run;
+- sparse: cold time at tail T over cold time at tail 64 (same batch, keep, Qn).
 
 Before timing, each case checks once that the kernel agrees with its twin: per output row (a
 head's D-vector; a head's score row), relative L2 error < 2e-2; topk exactly equal; the
@@ -66,6 +73,7 @@ seeds; the cache of one case is kept while consecutive tests (twins, Qn 1 / 10) 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -84,15 +92,18 @@ from torch_paths import (attention_scores_torch, dense_attention_torch, sparse_a
 HQ, HKV, HEAD_DIM = 28, 4, 128  # Qwen2-7B
 DTYPE, DTYPE_NAME = torch.bfloat16, "bfloat16"
 SPARE = 256  # cache capacity = context + SPARE
-TAIL = 64
 DENSE_CONTEXTS = [4096, 16384, 65536, 131072]
 SPARSE_CONTEXT = 32768
-# (batch, keep, Qn), ordered by batch so consecutive cases share one cache.
-SPARSE_CASES = [(1, 1024, 1), (1, 1024, 10), (1, 2048, 1), (8, 1024, 1), (8, 2048, 1), (32, 1024, 1), (32, 2048, 1)]
+# (batch, keep, Qn, tail), ordered by batch so consecutive cases share one cache.
+SPARSE_CASES = [(1, 1024, 1, 64), (1, 1024, 1, 256), (1, 1024, 1, 1024), (1, 1024, 1, 4096), (1, 1024, 10, 64),
+                (1, 2048, 1, 64), (8, 1024, 1, 64), (8, 2048, 1, 64), (32, 1024, 1, 64), (32, 2048, 1, 64)]
 SCORE_CONTEXTS, SCORE_QUERIES = [32768, 131072], [64, 256]
 TOPK_S, TOPK_K, TOPK_SHAPES = 131072, 1024, [(28, HKV), (1, HKV)]
 LAYERS, SELECT_S, SELECT_T = 28, 131072, 128
 IMPLS = ["torch", "kernel"]  # twin first: the kernel's extra_info can then carry kernel / torch
+# dense: (Qn, impl); at Qn 1 the rows-layout twin too (before the kernel, for the same reason)
+DENSE_RUNS = [(1, "torch"), (1, "kernel_rows"), (1, "kernel"), (10, "torch"), (10, "kernel")]
+DECODE_OPS = ("dense_attention", "sparse_attention")
 
 TARGET_S = float(os.environ.get("STD_EXT_BENCH_SECONDS", "0.5"))
 WARMUP_CALLS = 3
@@ -347,6 +358,46 @@ def _check_once(key, kernel_fn, torch_fn, args, compare):
     _checked.add(key)
 
 
+@contextlib.contextmanager
+def _rows_layout():
+    """The decode kernels' one-math-warp layout (read by the CUDA glue at each call)."""
+    old = os.environ.get("STD_EXT_DECODE_LAYOUT")
+    os.environ["STD_EXT_DECODE_LAYOUT"] = "rows"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("STD_EXT_DECODE_LAYOUT", None)
+        else:
+            os.environ["STD_EXT_DECODE_LAYOUT"] = old
+
+
+def _decode_kernel_times(fn, args, calls: int = 5) -> dict:
+    """Per-call GPU time of the decode attention kernel and of the split merge (torch.profiler);
+    {} where the profiler gives nothing (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn(*args)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+    except Exception:  # noqa: BLE001 - a profiler that cannot run only loses this figure
+        return {}
+    merge = attention = 0.0
+    for event in events:
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if "merge_splits_kernel" in event.key:
+            merge += us
+        elif "decode_attention_kernel" in event.key:
+            attention += us
+    if attention <= 0:
+        return {}
+    return dict(merge_us=merge / calls, attention_us=attention / calls)
+
+
 # --- the benchmark driver ---------------------------------------------------------------------
 
 
@@ -361,9 +412,15 @@ def _bench(benchmark, gpu, impl, info, kernel_fn, torch_fn, args, compare, check
     benchmark.extra_info.update(suite=gpu_report.SUITE, impl=impl, dtype=DTYPE_NAME, hq=HQ, hkv=HKV, head_dim=HEAD_DIM)
     benchmark.extra_info.update(gpu["info"])
     benchmark.extra_info.update(info)
-    fn = kernel_fn if impl == "kernel" else torch_fn
+    fn = kernel_fn if impl.startswith("kernel") else torch_fn
+    if impl == "kernel_rows" and (pair, impl) not in _checked:
+        with _rows_layout():
+            rows = kernel_fn(*args)
+        assert torch.equal(rows, kernel_fn(*args)), f"{pair}: the rows and keys layouts give different bits"
+        _checked.add((pair, impl))
     try:
-        measured = _measure(benchmark, fn, args, gpu, impl)
+        with _rows_layout() if impl == "kernel_rows" else contextlib.nullcontext():
+            measured = _measure(benchmark, fn, args, gpu, impl)
     except torch.cuda.OutOfMemoryError:
         if impl != "torch" or benchmark.stats is not None:
             raise
@@ -372,6 +429,8 @@ def _bench(benchmark, gpu, impl, info, kernel_fn, torch_fn, args, compare, check
     benchmark.extra_info.update(measured)
     if benchmark.disabled or benchmark.stats is None:
         return
+    if impl == "kernel" and info["op"] in DECODE_OPS:
+        benchmark.extra_info.update(_decode_kernel_times(fn, args))
     entry = {"name": benchmark.name, "group": pair, "extra_info": benchmark.extra_info,
              "stats": {"median": benchmark.stats.stats.median}}
     _entries.append(entry)
@@ -408,15 +467,15 @@ def _k(n: int) -> str:
 
 
 @_needs_kernels("dense_attention")
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("qn", [1, 10], ids=lambda q: f"Qn{q}")
+@pytest.mark.parametrize("qn,impl", DENSE_RUNS, ids=[f"Qn{q}-{i}" for q, i in DENSE_RUNS])
 @pytest.mark.parametrize("ctx", DENSE_CONTEXTS, ids=lambda c: f"ctx{_k(c)}")
 @pytest.mark.parametrize("batch", [1, 8], ids=lambda b: f"B{b}")
 def test_dense_attention(benchmark, gpu, batch, ctx, qn, impl):
     k, v = _caches(batch, ctx)
     args = (_queries(("dense", batch, ctx, qn), batch, qn), k, v, _lengths(batch, ctx))
     info = dict(op="dense_attention", pair=f"cuda dense_attention B={batch} ctx={ctx} Qn={qn}", batch=batch,
-                context=ctx, qn=qn, capacity=ctx + SPARE, bytes_kv=2 * batch * HKV * ctx * HEAD_DIM * 2)
+                context=ctx, qn=qn, capacity=ctx + SPARE, bytes_kv=2 * batch * HKV * ctx * HEAD_DIM * 2,
+                rows_twin=qn == 1)
     _bench(benchmark, gpu, impl, info, std_ext.dense_attention, dense_attention_torch, args, _rows_close(HEAD_DIM))
 
 
@@ -428,16 +487,17 @@ def _keep_sets(batch: int, keep: int, tail_start: int) -> torch.Tensor:
 
 @_needs_kernels("sparse_attention")
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch,keep,qn", SPARSE_CASES, ids=[f"B{b}-keep{n}-Qn{q}" for b, n, q in SPARSE_CASES])
-def test_sparse_attention(benchmark, gpu, batch, keep, qn, impl):
+@pytest.mark.parametrize("batch,keep,qn,tail", SPARSE_CASES,
+                         ids=[f"B{b}-keep{n}-Qn{q}-tail{t}" for b, n, q, t in SPARSE_CASES])
+def test_sparse_attention(benchmark, gpu, batch, keep, qn, tail, impl):
     ctx = SPARSE_CONTEXT
     k, v = _caches(batch, ctx)
-    tail_start = ctx - TAIL  # the tail holds every query (Qn <= TAIL)
+    tail_start = ctx - tail  # the tail holds every query (Qn <= tail)
     args = (_queries(("sparse", batch, keep, qn), batch, qn), k, v, _keep_sets(batch, keep, tail_start),
             _lengths(batch, tail_start), _lengths(batch, ctx))
-    info = dict(op="sparse_attention", pair=f"cuda sparse_attention B={batch} keep={keep} ctx={ctx} Qn={qn}",
-                batch=batch, context=ctx, qn=qn, capacity=ctx + SPARE, keep=keep, tail=TAIL,
-                bytes_kv=2 * batch * HKV * (keep + TAIL) * HEAD_DIM * 2)
+    pair = f"cuda sparse_attention B={batch} keep={keep} tail={tail} ctx={ctx} Qn={qn}"
+    info = dict(op="sparse_attention", pair=pair, batch=batch, context=ctx, qn=qn, capacity=ctx + SPARE, keep=keep,
+                tail=tail, bytes_kv=2 * batch * HKV * (keep + tail) * HEAD_DIM * 2)
     _bench(benchmark, gpu, impl, info, std_ext.sparse_attention, sparse_attention_torch, args, _rows_close(HEAD_DIM))
 
 
