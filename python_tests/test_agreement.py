@@ -12,7 +12,7 @@ from test_generate import candidate_mask_of
 from tiny_models import make_inputs, make_model
 
 import std_ext
-from std_ext.agreement import _Measurement, measure_agreement
+from std_ext.agreement import ENGINE_POLICIES, POLICIES, _Measurement, measure_agreement
 from std_ext.models import ModelAdapter
 
 GAMMAS = [1, 3, 5]
@@ -38,11 +38,11 @@ def records(case):
 
 def test_every_configuration_is_measured(records):
     configs = {(r.policy, r.budget, r.gamma) for r in records}
-    assert configs == {(p, b, g) for p in ("question", "recent", "oracle", "refresh") for b in (24, 48) for g in GAMMAS}
+    assert configs == {(p, b, g) for p in POLICIES for b in (24, 48) for g in GAMMAS}
     for r in records:
         assert 0.0 <= r.agreement <= 1.0 and 0.0 <= r.mean_accepted <= r.gamma
         assert r.acceptance_rate == pytest.approx(r.mean_accepted / r.gamma)
-        assert r.method == ("engine" if r.policy == "refresh" else "chain")
+        assert r.method == ("engine" if r.policy in ENGINE_POLICIES else "chain")
 
 
 @pytest.mark.parametrize("policy", ["question", "recent", "refresh"])
@@ -78,7 +78,7 @@ def test_oracle_keeps_the_current_querys_top_k(case):
     run = _Measurement(adapter, input_ids, attention_mask, candidates, 2, 6, [-1], 0, None, extra)
     with adapter.std_attention():
         run.prefill_and_answer()
-        oracle = run._keep("oracle", 40)
+        oracle, _, _ = run._keep("oracle", 40)
         positions = (run.prompt_len + 2)[:, None]
         run._sparse_forward(run.answer[:, 2:3], positions, oracle)
     step, plan = oracle.step, oracle.plan

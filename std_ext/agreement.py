@@ -19,6 +19,22 @@ with one prefill:
 attends to most (its own top-K, group-mean over the query heads of a KV head),
 recomputed every step — a ceiling for any keep set chosen ahead of time.
 
+``"follow"`` (:class:`~std_ext.selection.FollowPolicy`) re-chooses at every draft step
+too, from the step's own query, but only inside the superset it chose at prefill: its
+draft runs replay into rounds exactly like the static sets' (the verify re-choice it also
+has is overridden by the next draft step's). ``"follow_verify"`` is the same policy
+without draft queries (``per_step=False``): it re-chooses from each verify pass only, so
+it runs the engine's decoder, like ``"refresh"``.
+
+Bytes: every record carries the cache positions a draft step reads per (KV head, layer),
+non-candidate prompt positions, keep set and scoring reads together
+(:meth:`~std_ext.selection.SelectionPolicy.draft_reads`; the generated tail, the same for
+every policy, is left out), and those positions' bytes over all layers. The oracle is
+charged its keep set only: its scoring would read every candidate's key at every step.
+
+A budget may be ``"auto"`` (:mod:`std_ext.budget`): priced for this batch at the grid's
+largest γ, the policy's own scoring reads included, per sequence.
+
 The per-token agreement of a policy is the share of answer positions at which the first
 draft of a round starting there equals the dense next token.
 """
@@ -31,15 +47,16 @@ from dataclasses import dataclass
 
 import torch
 
+from . import budget as budget_model
 from . import ops
 from .attention import ForwardStep
-from .cache import KeepSets, StaticCache
+from .cache import StaticCache
 from .generate import (
     GenerationStats,
     _check_input_ids,
     _check_inputs,
     _Decoder,
-    _keep_plan,
+    _KeepPlan,
     _PhaseTimer,
     _prefill,
     _select,
@@ -47,10 +64,12 @@ from .generate import (
 )
 from . import generation_args
 from .models import ModelAdapter
-from .selection import keep_indices, make_policy, ragged_topk
+from .selection import FollowPolicy, SelectionPolicy, keep_indices, make_policy, ragged_topk
 
-STATIC_POLICIES = ("question", "recent", "oracle")
-POLICIES = (*STATIC_POLICIES, "refresh")
+STATIC_POLICIES = ("question", "recent", "oracle", "follow", "follow_pages")  # keep sets that depend on the current query only
+ENGINE_POLICIES = ("refresh", "follow_verify")  # keep sets that depend on the rounds
+POLICIES = (*STATIC_POLICIES, *ENGINE_POLICIES)
+PAGE, PAGES_RATIO = 16, 2  # "follow_pages": pages of 16 positions, a superset of 2 x the budget
 
 
 @dataclass
@@ -59,7 +78,7 @@ class AgreementRecord:
 
     Attributes
     ----------
-    policy, budget, gamma : the configuration
+    policy, budget, gamma : the configuration (``budget`` an int or "auto")
     agreement : share of answer positions whose first draft equals the dense next token
         (for "refresh": of round starts, as the engine measured it)
     mean_accepted : accepted drafts per round (what ``GenerationStats.mean_accepted`` reports)
@@ -67,6 +86,10 @@ class AgreementRecord:
     acceptance_by_position : share of rounds whose draft ``j+1`` was accepted
     answer_tokens : dense answer tokens over the batch (the sample behind the figures)
     method : "chain" (draft runs replayed into rounds) or "engine" (the decoder itself)
+    kept : mean kept prompt positions per (sequence, KV head), non-candidates included
+    draft_positions : mean cache positions one draft step reads per (sequence, KV head, layer):
+        kept positions plus scoring reads (keys count half), the generated tail left out
+    draft_kv_bytes : ``draft_positions`` in bytes over all layers and KV heads, per sequence
     """
 
     policy: str
@@ -78,6 +101,9 @@ class AgreementRecord:
     acceptance_by_position: list[float]
     answer_tokens: int
     method: str
+    kept: float = 0.0
+    draft_positions: float = 0.0
+    draft_kv_bytes: float = 0.0
 
 
 @torch.no_grad()
@@ -87,7 +113,7 @@ def measure_agreement(
     attention_mask: torch.Tensor | None = None,
     *,
     candidate_mask: torch.Tensor | None = None,
-    budgets: Iterable[int] = (128, 256, 512, 1024, 2048),
+    budgets: Iterable[int | str] = (128, 256, 512, 1024, 2048),
     gammas: Iterable[int] = range(1, 13),
     policies: Sequence[str] = POLICIES,
     max_new_tokens: int = 32,
@@ -102,15 +128,16 @@ def measure_agreement(
     ----------
     model, input_ids, attention_mask, candidate_mask, window, eos_token_id, **model_inputs
         as in :func:`std_ext.generate` (a left-padded batch of prompts is measured at once)
-    budgets, gammas : the grid
-    policies : among "question", "recent", "refresh", "oracle"
+    budgets, gammas : the grid (a budget may be "auto")
+    policies : among :data:`POLICIES`
     max_new_tokens : answer tokens per prompt (rounds stop there or at EOS, as in ``generate``)
 
     Returns
     -------
     list of :class:`AgreementRecord`, one per (policy, budget, γ), pooled over the batch.
     """
-    budgets, gammas = sorted(set(budgets)), sorted(set(gammas))
+    budgets = sorted(set(budgets), key=lambda b: (isinstance(b, str), b if isinstance(b, int) else 0))
+    gammas = sorted(set(gammas))
     _check_grid(budgets, gammas, policies, max_new_tokens)
     adapter = ModelAdapter.for_model(model)
     _check_input_ids(input_ids, model)
@@ -136,8 +163,10 @@ def measure_agreement(
         run.prefill_and_answer()
         for policy, budget in configs:
             if policy in STATIC_POLICIES:
-                runs = run.draft_runs(policy, budget)
-                records += [run.rounds_from_runs(runs, policy, budget, gamma) for gamma in gammas]
+                runs, plan, selection = run.draft_runs(policy, budget)
+                for gamma in gammas:
+                    record = run.rounds_from_runs(runs, policy, budget, gamma)
+                    records.append(run.with_bytes(record, plan, selection))
             else:
                 records += [run.engine_rounds(policy, budget, gamma) for gamma in gammas]
             if bar is not None:
@@ -193,21 +222,51 @@ class _Measurement:
     def _fresh_step(self) -> ForwardStep:
         return dataclasses.replace(self.step, captured=dict(self.captured))
 
-    def _keep(self, policy: str, budget: int) -> _OracleIndices | None:
-        """Set the keep sets of ``policy`` in the cache; the oracle's are computed per step."""
-        if policy != "oracle":
-            _select(self.adapter, self.cache, make_policy(policy), self._fresh_step(), self.candidate_mask,
-                    self.prompt_len, budget)
-            return None
-        plan = _keep_plan(self.cache, self.step, self.candidate_mask, self.prompt_len, budget)
-        oracle = _OracleIndices(self.cache, plan, self.adapter.num_kv_heads, self.decoder)
-        self.cache.keep = KeepSets(indices=oracle, tail_start=self.prompt_len.to(torch.int32), always=plan.always,
-                                   width=plan.width)
-        return oracle
+    def _keep(self, policy: str, budget: int | str) -> tuple[_StepIndices | None, _KeepPlan, SelectionPolicy]:
+        """Set the keep sets of ``policy`` in the cache: (the per-step indices or None, the plan, the policy).
 
-    def draft_runs(self, policy: str, budget: int) -> torch.Tensor:
-        """long ``[B, max_new]``: drafts matching the answer in a chain starting at each position (≤ γ_max)."""
-        oracle = self._keep(policy, budget)
+        The oracle's and ``"follow"``'s keep sets are re-chosen at each draft step (the oracle
+        prices ``"auto"`` as the question's set: its scoring is not charged).
+        """
+        selection = _policy(policy)
+        plan = _select(self.adapter, self.cache, selection, self._fresh_step(), self.candidate_mask, self.prompt_len,
+                       budget, gamma=self.gamma_max, max_new_tokens=self.max_new)
+        if policy == "oracle":
+            choose = self._oracle_choice(plan)
+        elif selection.needs_draft_queries:
+            choose = selection.draft_keep
+        else:
+            return None, plan, selection
+        indices = _StepIndices(self.cache, plan, self.adapter.num_kv_heads, self.decoder, choose)
+        self.cache.keep = dataclasses.replace(self.cache.keep, indices=indices)
+        return indices, plan, selection
+
+    def _oracle_choice(self, plan: _KeepPlan):
+        def choose(layer: int, query: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
+            if plan.k_max == 0:
+                return None
+            scores = ops.attention_scores(query, k_cache, self.decoder._step.slots.to(torch.int32),
+                                          self.decoder._step.scale)
+            return ragged_topk(scores, plan.candidates, plan.k, plan.k_max)
+
+        return choose
+
+    def with_bytes(self, record: AgreementRecord, plan: _KeepPlan, selection: SelectionPolicy) -> AgreementRecord:
+        """``record`` with its keep sets' sizes and draft-step reads (see :class:`AgreementRecord`)."""
+        n_candidates = plan.candidates.sum(1).tolist()
+        n_always = plan.always.sum(1).tolist()
+        reads = [always + (float(k) if record.policy == "oracle" else selection.draft_reads(k, n, record.gamma))
+                 for always, k, n in zip(n_always, plan.k.tolist(), n_candidates)]
+        positions = sum(reads) / len(reads)
+        element = self.cache.keys.element_size()
+        position_bytes = 2 * self.adapter.num_layers * self.adapter.num_kv_heads * self.adapter.head_dim * element
+        return dataclasses.replace(record, kept=sum(plan.budgets) / len(plan.budgets), draft_positions=positions,
+                                   draft_kv_bytes=positions * position_bytes)
+
+    def draft_runs(self, policy: str, budget: int | str) -> tuple[torch.Tensor, _KeepPlan, SelectionPolicy]:
+        """long ``[B, max_new]``: drafts matching the answer in a chain starting at each position (≤ γ_max);
+        with the plan and the policy that chose the keep sets."""
+        oracle, plan, selection = self._keep(policy, budget)
         batch = self.answer.shape[0]
         runs = torch.zeros(batch, self.max_new, dtype=torch.long, device=self.device)
         answer_len = torch.tensor(self.answer_len, device=self.device)
@@ -223,10 +282,10 @@ class _Measurement:
                     break
                 token = self.answer[:, start + j + 1]
             self._restore()
-        return runs
+        return runs, plan, selection
 
     def _sparse_forward(self, tokens, positions, oracle):
-        """One draft step ``tokens [B, 1]`` at ``positions [B, 1]``; the oracle needs its query captured."""
+        """One draft step ``tokens [B, 1]`` at ``positions [B, 1]``; a per-step policy needs its query captured."""
         return self.decoder._forward("sparse", tokens, positions, capture=oracle is not None)  # [B, 1, V]
 
     def rounds_from_runs(self, runs: torch.Tensor, policy: str, budget: int, gamma: int) -> AgreementRecord:
@@ -258,10 +317,11 @@ class _Measurement:
         return AgreementRecord(policy, budget, gamma, agree / max(positions, 1), mean, mean / gamma, by_position,
                                sum(self.answer_len), "chain")
 
-    def engine_rounds(self, policy: str, budget: int, gamma: int) -> AgreementRecord:
+    def engine_rounds(self, policy: str, budget: int | str, gamma: int) -> AgreementRecord:
         """The engine's own decoder after the shared prefill; its answer must be the dense one."""
-        selection = make_policy(policy)
-        _select(self.adapter, self.cache, selection, self._fresh_step(), self.candidate_mask, self.prompt_len, budget)
+        selection = _policy(policy)
+        plan = _select(self.adapter, self.cache, selection, self._fresh_step(), self.candidate_mask, self.prompt_len,
+                       budget, gamma=self.gamma_max, max_new_tokens=self.max_new)
         stats = GenerationStats("std", gamma, budget)
         decoder = _Decoder(self.adapter, self.cache, selection, self.warp, gamma, self.eos_ids, self.pad_id,
                            self.max_new, self.rope_delta, self.prompt_len, self.timer, stats)
@@ -273,33 +333,52 @@ class _Measurement:
                                    "differs from dense decoding (a near-tie flipped by rounding?)")
         by_position = stats.acceptance_by_position
         agreement = by_position[0] if by_position else 0.0
-        return AgreementRecord(policy, budget, gamma, agreement, stats.mean_accepted, stats.mean_accepted / gamma,
-                               by_position, sum(self.answer_len), "engine")
+        record = AgreementRecord(policy, budget, gamma, agreement, stats.mean_accepted, stats.mean_accepted / gamma,
+                                 by_position, sum(self.answer_len), "engine")
+        return self.with_bytes(record, plan, selection)
 
 
-class _OracleIndices:
-    """Keep sets computed per layer from the current draft query: its own top-K candidates.
+def _policy(name: str) -> SelectionPolicy:
+    """The policy object behind a measured policy name (the oracle's keep sets start as the question's)."""
+    if name == "oracle":
+        return make_policy("question")
+    if name == "follow_verify":
+        return FollowPolicy(per_step=False)
+    if name == "follow_pages":
+        return FollowPolicy(ratio=PAGES_RATIO, page=PAGE)
+    return make_policy(name)
+
+
+class _StepIndices:
+    """Keep sets re-chosen per layer from the current draft query, written in place.
 
     The attention function stores a step's captured query before it reads
-    ``keep.indices[layer]``, so indexing here sees the query of the step the decoder is
-    running (a one-query step: the query sits at its own slot).
+    ``keep.indices[layer]``, so indexing here during a sparse step sees the query of the
+    step the decoder is running (a one-query step: the query sits at its own slot), and
+    ``choose(layer, query [B, 1, H_q, D], k_cache) -> chosen int32 [B, H_kv, N] | None``
+    re-chooses from it; the keep set is copied into the layer's buffer (as a captured
+    graph would need). Outside a sparse step the buffer is returned as it stands.
     """
 
-    def __init__(self, cache, plan, heads: int, decoder: _Decoder) -> None:
-        self.cache, self.plan, self.heads, self.decoder = cache, plan, heads, decoder
+    def __init__(self, cache, plan: _KeepPlan, heads: int, decoder: _Decoder, choose) -> None:
+        self.cache, self.plan, self.heads, self.decoder, self.choose = cache, plan, heads, decoder, choose
+        self.buffers = [indices.clone() for indices in cache.keep.indices]  # [B, H, width] per layer
 
     @property
     def step(self) -> ForwardStep:
         return self.decoder._step
 
+    def __len__(self) -> int:
+        return len(self.buffers)
+
     def __getitem__(self, layer: int) -> torch.Tensor:
-        plan, step = self.plan, self.step
-        chosen = None
-        if plan.k_max > 0:
+        step = self.step
+        if step is not None and step.mode == "sparse" and layer in step.captured:
             k_cache, _ = self.cache.layer(layer)
-            scores = ops.attention_scores(step.captured[layer], k_cache, step.slots.to(torch.int32), step.scale)
-            chosen = ragged_topk(scores, plan.candidates, plan.k, plan.k_max)
-        return keep_indices(plan.always, chosen, self.heads, plan.width)
+            chosen = self.choose(layer, step.captured[layer], k_cache)
+            if chosen is not None:
+                self.buffers[layer].copy_(keep_indices(self.plan.always, chosen, self.heads, self.plan.width))
+        return self.buffers[layer]
 
 
 def _check_grid(budgets, gammas, policies, max_new_tokens) -> None:
@@ -307,7 +386,8 @@ def _check_grid(budgets, gammas, policies, max_new_tokens) -> None:
         if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
             raise ValueError(f"std_ext.measure_agreement: {name} must be integers >= {low}, got {values!r}")
 
-    integers(budgets, "budgets", 0)
+    if not budgets or any(b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 0) for b in budgets):
+        raise ValueError(f"std_ext.measure_agreement: budgets must be integers >= 0 or 'auto', got {budgets!r}")
     integers(gammas, "gammas", 1)
     integers([max_new_tokens], "max_new_tokens", 1)
     unknown = [p for p in policies if p not in POLICIES]

@@ -14,12 +14,28 @@ observation queries (the question after the visual span) give them at prefill.
 ``"refresh"``: the question's set at prefill; after every verify pass, half of the
 candidate budget is re-chosen, in blocks of 64 positions, from the attention the
 accepted verify queries gave the candidates; the other half stays the question's.
+``"follow"``: a superset of ``SUPERSET_RATIO`` x the candidate budget, the question's
+top candidates, is chosen at prefill; the keep set is re-chosen inside it, exactly (the
+top-K by attention), from the newest query the engine shows the policy: after every
+verify pass, the last accepted verify query (:meth:`SelectionPolicy.after_verify`); and,
+where a draft step hands the policy its own query (:meth:`SelectionPolicy.draft_keep`,
+``needs_draft_queries``), that query, for every draft step of the round. The extra read
+is bounded: the superset's keys, once per re-choice (:meth:`SelectionPolicy.draft_reads`).
 A callable ``policy(inputs: SelectionInputs) -> Tensor`` returning int32
 ``[B, H_kv, N]`` candidate positions (``-1`` padded) is used like ``"question"``.
+
+Bytes
+-----
+:meth:`SelectionPolicy.draft_reads` says what one draft step reads from the cache for a
+keep set of ``k`` candidates, in *positions*: one position is the keys and values of one
+cached token for one KV head and layer (scoring reads keys only: half a position each).
+``budget="auto"`` (:mod:`std_ext.budget`) and ``bench/agreement.py`` measure keep sets on
+that axis.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +46,8 @@ from . import ops
 
 REFRESH_BLOCK = 64
 SINK_TOKENS = 4
+SUPERSET_RATIO = 3  # "follow": superset width over the candidate budget
+KEY_SHARE = 0.5  # a scoring read of one position reads its key, half of its K/V bytes
 
 
 @dataclass
@@ -116,9 +134,10 @@ def keep_indices(always: torch.Tensor, chosen: torch.Tensor | None, heads: int, 
 
 
 class SelectionPolicy(ABC):
-    """Base class: choose at prefill; optionally re-choose after each verify pass."""
+    """Base class: choose at prefill; optionally re-choose after each verify pass or per draft step."""
 
     needs_verify_queries = False
+    needs_draft_queries = False
 
     @abstractmethod
     def select(self, inputs: SelectionInputs) -> torch.Tensor:
@@ -127,6 +146,21 @@ class SelectionPolicy(ABC):
     def after_verify(self, layer: int, queries: torch.Tensor, query_pos: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
         """New chosen candidate positions for ``layer`` after a verify pass, or None to keep them."""
         return None
+
+    def draft_keep(self, layer: int, query: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
+        """Chosen candidate positions for one draft step of ``layer`` from its own query
+        ``[B, 1, H_q, D]`` (int32 ``[B, H_kv, N]``, ``-1`` padded), or None to keep the current set.
+
+        Called inside the draft forward (before its sparse attention) only when
+        ``needs_draft_queries``; it must not read device values on the host.
+        """
+        return None
+
+    def draft_reads(self, k: int, candidates: int, gamma: int) -> float:
+        """Cache positions one draft step reads per (KV head, layer) for ``k`` kept candidates
+        out of ``candidates``, with ``gamma`` drafts per round, scoring reads included
+        (non-candidate positions and the generated tail not counted)."""
+        return float(k)
 
 
 class QuestionPolicy(SelectionPolicy):
@@ -154,6 +188,10 @@ class RefreshPolicy(SelectionPolicy):
     """The question's set at prefill; after each verify, half the budget follows the decode queries."""
 
     needs_verify_queries = True
+
+    def draft_reads(self, k: int, candidates: int, gamma: int) -> float:
+        # after each verify pass every candidate's key is scored again, once per round of γ drafts
+        return float(k) + KEY_SHARE * candidates / max(gamma, 1)
 
     def __init__(self) -> None:
         self._question_half: dict[int, torch.Tensor] = {}  # layer -> bool [B, H, S]
@@ -193,10 +231,157 @@ class RefreshPolicy(SelectionPolicy):
         return mask_to_indices(question_half | refreshed, self._k_max)
 
 
+def superset_scores(queries: torch.Tensor, valid: torch.Tensor, k_cache: torch.Tensor, superset: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The attention ``queries`` give the positions of ``superset``, normalised over the superset.
+
+    queries ``[B, Q, H_q, D]``, valid bool ``[B, Q]`` (which queries count), k_cache
+    ``[B, H_kv, S, D]``, superset int32 ``[B, H_kv, M]`` (``-1`` padded) → float32
+    ``[B, H_kv, M]``: per KV head, the mean over valid queries and the group's query heads of
+    their softmax over the superset's keys (only those keys are read); 0 at padding.
+    """
+    batch, heads, width = superset.shape
+    dim = k_cache.shape[-1]
+    group = queries.shape[2] // heads
+    padded = superset < 0  # [B, H, M]
+    index = superset.clamp(min=0).long()[..., None].expand(-1, -1, -1, dim)
+    keys = k_cache.gather(2, index).float()  # [B, H, M, D]
+    q = queries.float().view(batch, queries.shape[1], heads, group, dim)  # [B, Q, H, G, D]
+    logits = torch.einsum("bqhgd,bhmd->bhqgm", q, keys) * scale  # [B, H, Q, G, M]
+    logits = logits.masked_fill(padded[:, :, None, None, :], float("-inf"))
+    probs = logits.softmax(-1).nan_to_num(0.0)  # an all-padding row (no candidate) stays 0
+    weight = valid.to(probs.dtype)[:, None, :, None, None]  # [B, 1, Q, 1, 1]
+    count = (valid.sum(1).clamp(min=1) * group).to(probs.dtype)[:, None, None]  # [B, 1, 1]
+    return (probs * weight).sum((2, 3)) / count
+
+
+class FollowPolicy(SelectionPolicy):
+    """A question-chosen superset; inside it, the newest query's own top-K (see the module docstring).
+
+    Parameters
+    ----------
+    ratio : superset width over the candidate budget ``k`` (capped at the candidates), >= 1
+    per_step : re-choose at every draft step from its own query (``needs_draft_queries``),
+        where the engine hands draft queries over; the verify re-choice runs either way
+    page : 0: the superset is the question's, fixed at prefill. ``P > 0``: the superset is
+        re-chosen with the keep set, as the ``ceil(ratio·k / P)`` pages of ``P`` consecutive
+        positions whose mean candidate key the query attends to most (one summary key per
+        page is read to rank them)
+    """
+
+    needs_verify_queries = True
+
+    def __init__(self, ratio: float = SUPERSET_RATIO, per_step: bool = True, page: int = 0) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+            raise ValueError(f"std_ext.selection: FollowPolicy: ratio must be a number >= 1, got {ratio!r}")
+        if isinstance(page, bool) or not isinstance(page, int) or page < 0:
+            raise ValueError(f"std_ext.selection: FollowPolicy: page must be an integer >= 0, got {page!r}")
+        self.ratio, self.needs_draft_queries, self.page = ratio, bool(per_step), page
+        self._pages: dict[int, torch.Tensor] = {}  # layer -> [B, H, n_pages, D] mean candidate key per page
+        self._page_index: torch.Tensor | None = None  # int32 [B, H, n_pages]: page number, -1 = no candidate
+        self._page_count: torch.Tensor | None = None  # long [B] pages to pick
+        self._page_max = 0
+        self._candidates: torch.Tensor | None = None
+        self._superset: dict[int, torch.Tensor] = {}  # layer -> int32 [B, H, M] ascending, -1 padded
+        self._slots: torch.Tensor | None = None  # bool [B, M]: the superset slots that hold a position
+        self._k: torch.Tensor | None = None
+        self._k_max = 0
+        self._scale = 1.0
+
+    def superset_size(self, k: int, candidates: int) -> int:
+        """Superset width for ``k`` kept candidates out of ``candidates``: ``min(ceil(ratio·k), candidates)``."""
+        return min(candidates, max(k, math.ceil(self.ratio * k)))
+
+    def draft_reads(self, k: int, candidates: int, gamma: int) -> float:
+        # the keep set, plus the superset's keys (and the page summaries): at every draft step,
+        # or once per round of γ drafts
+        scored = self.superset_size(k, candidates) if k > 0 else 0
+        if self.page and k > 0:
+            scored = min(candidates, math.ceil(scored / self.page) * self.page) + math.ceil(candidates / self.page)
+        scoring = KEY_SHARE * scored
+        return float(k) + (scoring if self.needs_draft_queries else scoring / max(gamma, 1))
+
+    def select(self, inputs: SelectionInputs) -> torch.Tensor:
+        scores = ops.attention_scores(inputs.queries, inputs.k_cache, inputs.query_pos, inputs.scale)
+        n_candidates = inputs.candidates.sum(1)  # [B]
+        m = torch.minimum(n_candidates, torch.maximum(inputs.k, torch.ceil(inputs.k * self.ratio).long()))
+        m_max = int(m.max())  # prefill: the selection phase may read the host
+        self._superset[inputs.layer] = ragged_topk(scores, inputs.candidates, m, m_max)  # [B, H, M]
+        self._slots = torch.arange(m_max, device=m.device)[None] < m[:, None]  # [B, M]
+        self._k, self._k_max, self._scale = inputs.k, inputs.k_max, inputs.scale
+        if self.page:
+            self._page_summaries(inputs, m)
+        return ragged_topk(scores, inputs.candidates, inputs.k, inputs.k_max)
+
+    def _page_summaries(self, inputs: SelectionInputs, m: torch.Tensor) -> None:
+        """Mean candidate key of every page of ``page`` positions (prompt keys never change)."""
+        batch, heads, size, dim = inputs.k_cache.shape
+        page = self.page
+        padded = -(-size // page) * page
+        candidates = torch.nn.functional.pad(inputs.candidates, (0, padded - size))  # [B, S']
+        keys = torch.nn.functional.pad(inputs.k_cache.float(), (0, 0, 0, padded - size))  # [B, H, S', D]
+        keys = keys * candidates[:, None, :, None]
+        count = candidates.view(batch, -1, page).sum(-1)  # [B, n_pages]
+        sums = keys.view(batch, heads, -1, page, dim).sum(3)  # [B, H, n_pages, D]
+        self._pages[inputs.layer] = sums / count.clamp(min=1)[:, None, :, None]
+        pages = torch.arange(count.shape[1], dtype=torch.int32, device=count.device)
+        self._page_index = torch.where(count > 0, pages, -1)[:, None, :].expand(-1, heads, -1).contiguous()
+        # a superset of every candidate needs every page that holds one (candidates need not align with pages)
+        pages_with = (count > 0).sum(1)  # [B]
+        self._page_count = torch.where(m >= inputs.candidates.sum(1), pages_with, torch.minimum(-(-m // page), pages_with))
+        self._page_max = int(self._page_count.max())
+        self._candidates = inputs.candidates
+
+    def _page_superset(self, layer: int, queries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """int32 ``[B, H, pages·P]``: the candidate positions of the best pages, ascending, ``-1`` elsewhere."""
+        page = self.page
+        scores = superset_scores(queries, valid, self._pages[layer], self._page_index, self._scale)  # [B, H, n]
+        page_valid = self._page_index[:, 0] >= 0  # [B, n]
+        chosen = ragged_topk(scores, page_valid, self._page_count, self._page_max)  # [B, H, pages] ascending
+        offsets = torch.arange(page, dtype=torch.int32, device=chosen.device)
+        positions = (chosen[..., None] * page + offsets).flatten(-2)  # [B, H, pages·P]
+        size = self._candidates.shape[1]
+        inside = (chosen[..., None] >= 0).expand(-1, -1, -1, page).flatten(-2) & (positions < size)
+        heads = positions.shape[1]
+        is_candidate = self._candidates[:, None, :].expand(-1, heads, -1).gather(
+            -1, positions.clamp(0, size - 1).long())
+        return torch.where(inside & is_candidate, positions, -1)
+
+    def _choose(self, layer: int, queries: torch.Tensor, valid: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+        """int32 ``[B, H, k_max]``: the top-``k`` superset positions by the valid queries' attention."""
+        if self.page:
+            superset = self._page_superset(layer, queries, valid)  # -1 anywhere: per-head holes
+            scores = superset_scores(queries, valid, k_cache, superset, self._scale)
+            scores = scores.masked_fill(superset < 0, float("nan"))  # NaN ranks below every score
+            slots = ragged_topk(scores, torch.ones_like(superset[:, 0], dtype=torch.bool), self._k, self._k_max)
+            chosen = torch.where(slots >= 0, superset.gather(-1, slots.clamp(min=0).long()), -1)
+            return _compact(chosen.to(torch.int32))  # a hole picked for want of candidates moves to the end
+        superset = self._superset[layer]
+        scores = superset_scores(queries, valid, k_cache, superset, self._scale)  # [B, H, M]
+        slots = ragged_topk(scores, self._slots, self._k, self._k_max)  # superset slots, ascending
+        # the superset is ascending, so ascending slots are ascending positions
+        return torch.where(slots >= 0, superset.gather(-1, slots.clamp(min=0).long()), -1).to(torch.int32)
+
+    def after_verify(self, layer: int, queries: torch.Tensor, query_pos: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
+        if self._k_max == 0:
+            return None
+        # the last accepted verify query (the one that predicted the bonus token) is the newest
+        accepted = query_pos >= 0  # [B, γ+1]
+        last = (accepted.long().cumsum(1) == accepted.sum(1, keepdim=True)) & accepted
+        return self._choose(layer, queries, last, k_cache)
+
+    def draft_keep(self, layer: int, query: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor | None:
+        if self._k_max == 0 or not self.needs_draft_queries:
+            return None
+        valid = torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+        return self._choose(layer, query, valid, k_cache)
+
+
 POLICIES: dict[str, Callable[[], SelectionPolicy]] = {
     "question": QuestionPolicy,
     "recent": RecentPolicy,
     "refresh": RefreshPolicy,
+    "follow": FollowPolicy,
 }
 
 
