@@ -146,7 +146,9 @@ cudaError_t launch_with_dynamic_smem(Launch&& launch) {
 
 // Blocks of kKernel (kThreads threads, kBytes of dynamic shared memory) that one SM holds
 // at once, from the occupancy API; asked once per device (a property of the code and the
-// device, which a device reset does not change). At least 1.
+// device, which a device reset does not change). At least 1. A failed query answers 1 and
+// that answer is kept too: callers size work splits by it, and a split count that changed
+// from one call to the next would change the order of their reductions.
 template <auto kKernel, int kThreads, int kBytes>
 int resident_blocks_per_sm() {
   static std::atomic<int> answers[64] = {};
@@ -163,10 +165,10 @@ int resident_blocks_per_sm() {
   // The opt-in first: above 48 KB the occupancy calculator counts only what the kernel may use.
   if (allow_dynamic_smem<kKernel, kBytes>() != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kThreads, kBytes) != cudaSuccess) {
-    cudaGetLastError();  // 1 is a safe answer (not remembered); the launch reports any real problem
-    return 1;
+    cudaGetLastError();  // the launch reports any real problem
+    blocks = 1;
   }
-  if (blocks < 1) return 1;
+  if (blocks < 1) blocks = 1;
   if (device < 64) answers[device].store(blocks, std::memory_order_relaxed);
   return blocks;
 }
