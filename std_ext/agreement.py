@@ -20,11 +20,13 @@ attends to most (its own top-K, group-mean over the query heads of a KV head),
 recomputed every step — a ceiling for any keep set chosen ahead of time.
 
 ``"follow"`` (:class:`~std_ext.selection.FollowPolicy`) re-chooses at every draft step
-too, from the step's own query, but only inside the superset it chose at prefill: its
-draft runs replay into rounds exactly like the static sets' (the verify re-choice it also
-has is overridden by the next draft step's). ``"follow_verify"`` is the same policy
-without draft queries (``per_step=False``): it re-chooses from each verify pass only, so
-it runs the engine's decoder, like ``"refresh"``.
+too, from the step's own query, but at a bounded read (page summaries, then the best
+pages' keys): its keep set depends on the current query only, so its draft runs replay
+into rounds exactly like the static sets' (the verify re-choice it also has is overridden
+by the next draft step's). ``"follow_question"`` re-chooses inside the question's top
+``3·k`` candidates instead of pages. ``"follow_verify"`` is ``"follow"`` without draft
+queries (``per_step=False``), as ``std_ext.generate`` runs it today: it re-chooses from
+each verify pass only, so it runs the engine's decoder, like ``"refresh"``.
 
 Bytes: every record carries the cache positions a draft step reads per (KV head, layer),
 non-candidate prompt positions, keep set and scoring reads together
@@ -66,10 +68,10 @@ from . import generation_args
 from .models import ModelAdapter
 from .selection import FollowPolicy, SelectionPolicy, keep_indices, make_policy, ragged_topk
 
-STATIC_POLICIES = ("question", "recent", "oracle", "follow", "follow_pages")  # keep sets that depend on the current query only
+STATIC_POLICIES = ("question", "recent", "oracle", "follow", "follow_question")  # keep sets that depend on the current query only
 ENGINE_POLICIES = ("refresh", "follow_verify")  # keep sets that depend on the rounds
 POLICIES = (*STATIC_POLICIES, *ENGINE_POLICIES)
-PAGE, PAGES_RATIO = 16, 2  # "follow_pages": pages of 16 positions, a superset of 2 x the budget
+QUESTION_SUPERSET_RATIO = 3  # "follow_question": the question's top 3 x budget candidates as a fixed superset
 
 
 @dataclass
@@ -120,6 +122,7 @@ def measure_agreement(
     window: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     progress: bool = False,
+    configs: Sequence[tuple[str, int | str]] | None = None,
     **model_inputs,
 ) -> list[AgreementRecord]:
     """Greedy draft agreement and accepted drafts per round for every configuration.
@@ -131,6 +134,7 @@ def measure_agreement(
     budgets, gammas : the grid (a budget may be "auto")
     policies : among :data:`POLICIES`
     max_new_tokens : answer tokens per prompt (rounds stop there or at EOS, as in ``generate``)
+    configs : (policy, budget) pairs to measure instead of every policy x every budget
 
     Returns
     -------
@@ -138,7 +142,8 @@ def measure_agreement(
     """
     budgets = sorted(set(budgets), key=lambda b: (isinstance(b, str), b if isinstance(b, int) else 0))
     gammas = sorted(set(gammas))
-    _check_grid(budgets, gammas, policies, max_new_tokens)
+    configs = list(configs) if configs is not None else [(policy, budget) for policy in policies for budget in budgets]
+    _check_grid([b for _, b in configs] or budgets, gammas, [p for p, _ in configs] or policies, max_new_tokens)
     adapter = ModelAdapter.for_model(model)
     _check_input_ids(input_ids, model)
     explicit = {"max_new_tokens": max_new_tokens, "do_sample": False}
@@ -156,7 +161,6 @@ def measure_agreement(
     candidate_mask = candidate_mask & attention_mask.bool()
     run = _Measurement(adapter, input_ids, attention_mask, candidate_mask, max(gammas), max_new_tokens, eos_ids,
                        pad_id, window, model_inputs)
-    configs = [(policy, budget) for policy in policies for budget in budgets]
     bar = _bar(progress, len(configs))
     records = []
     with adapter.std_attention():
@@ -344,8 +348,8 @@ def _policy(name: str) -> SelectionPolicy:
         return make_policy("question")
     if name == "follow_verify":
         return FollowPolicy(per_step=False)
-    if name == "follow_pages":
-        return FollowPolicy(ratio=PAGES_RATIO, page=PAGE)
+    if name == "follow_question":
+        return FollowPolicy(ratio=QUESTION_SUPERSET_RATIO, page=0)
     return make_policy(name)
 
 

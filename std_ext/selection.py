@@ -14,13 +14,16 @@ observation queries (the question after the visual span) give them at prefill.
 ``"refresh"``: the question's set at prefill; after every verify pass, half of the
 candidate budget is re-chosen, in blocks of 64 positions, from the attention the
 accepted verify queries gave the candidates; the other half stays the question's.
-``"follow"``: a superset of ``SUPERSET_RATIO`` x the candidate budget, the question's
-top candidates, is chosen at prefill; the keep set is re-chosen inside it, exactly (the
-top-K by attention), from the newest query the engine shows the policy: after every
-verify pass, the last accepted verify query (:meth:`SelectionPolicy.after_verify`); and,
-where a draft step hands the policy its own query (:meth:`SelectionPolicy.draft_keep`,
-``needs_draft_queries``), that query, for every draft step of the round. The extra read
-is bounded: the superset's keys, once per re-choice (:meth:`SelectionPolicy.draft_reads`).
+``"follow"``: the keep set follows the newest query the engine shows the policy: where a
+draft step hands the policy its own query (:meth:`SelectionPolicy.draft_keep`,
+``needs_draft_queries``), that query, at every draft step; and after every verify pass
+the last accepted verify query (:meth:`SelectionPolicy.after_verify`). Each re-choice
+ranks pages of ``FOLLOW_PAGE`` positions by the query's attention to their mean candidate
+key (one summary key per page, computed at prefill), takes the best pages covering
+``SUPERSET_RATIO`` x the candidate budget, and keeps the top-K of those positions by the
+query's exact attention. The extra read is bounded: the page summaries and the chosen
+pages' keys, once per re-choice (:meth:`SelectionPolicy.draft_reads`). ``FollowPolicy(page=0)``
+takes the question's top candidates at prefill as a fixed superset instead.
 A callable ``policy(inputs: SelectionInputs) -> Tensor`` returning int32
 ``[B, H_kv, N]`` candidate positions (``-1`` padded) is used like ``"question"``.
 
@@ -46,7 +49,8 @@ from . import ops
 
 REFRESH_BLOCK = 64
 SINK_TOKENS = 4
-SUPERSET_RATIO = 3  # "follow": superset width over the candidate budget
+SUPERSET_RATIO = 2  # "follow": superset width over the candidate budget
+FOLLOW_PAGE = 16  # "follow": positions per page summary
 KEY_SHARE = 0.5  # a scoring read of one position reads its key, half of its K/V bytes
 
 
@@ -256,22 +260,23 @@ def superset_scores(queries: torch.Tensor, valid: torch.Tensor, k_cache: torch.T
 
 
 class FollowPolicy(SelectionPolicy):
-    """A question-chosen superset; inside it, the newest query's own top-K (see the module docstring).
+    """The newest query's own top-K inside a superset: its best pages, or the question's set
+    (see the module docstring).
 
     Parameters
     ----------
     ratio : superset width over the candidate budget ``k`` (capped at the candidates), >= 1
     per_step : re-choose at every draft step from its own query (``needs_draft_queries``),
         where the engine hands draft queries over; the verify re-choice runs either way
-    page : 0: the superset is the question's, fixed at prefill. ``P > 0``: the superset is
-        re-chosen with the keep set, as the ``ceil(ratio·k / P)`` pages of ``P`` consecutive
-        positions whose mean candidate key the query attends to most (one summary key per
-        page is read to rank them)
+    page : ``P > 0``: the superset is re-chosen with the keep set, as the ``ceil(ratio·k / P)``
+        pages of ``P`` consecutive positions whose mean candidate key the query attends to
+        most (one summary key per page is read to rank them). 0: the superset is the
+        question's top ``ratio·k`` candidates, fixed at prefill
     """
 
     needs_verify_queries = True
 
-    def __init__(self, ratio: float = SUPERSET_RATIO, per_step: bool = True, page: int = 0) -> None:
+    def __init__(self, ratio: float = SUPERSET_RATIO, per_step: bool = True, page: int = FOLLOW_PAGE) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
             raise ValueError(f"std_ext.selection: FollowPolicy: ratio must be a number >= 1, got {ratio!r}")
         if isinstance(page, bool) or not isinstance(page, int) or page < 0:
