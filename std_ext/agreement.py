@@ -66,7 +66,7 @@ from .generate import (
 )
 from . import generation_args
 from .models import ModelAdapter
-from .selection import FollowPolicy, SelectionPolicy, keep_indices, make_policy, ragged_topk
+from .selection import FollowPolicy, SelectionPolicy, StepKeepSets, make_policy, ragged_topk
 
 STATIC_POLICIES = ("question", "recent", "oracle", "follow", "follow_question")  # keep sets that depend on the current query only
 ENGINE_POLICIES = ("refresh", "follow_verify")  # keep sets that depend on the rounds
@@ -353,36 +353,16 @@ def _policy(name: str) -> SelectionPolicy:
     return make_policy(name)
 
 
-class _StepIndices:
-    """Keep sets re-chosen per layer from the current draft query, written in place.
-
-    The attention function stores a step's captured query before it reads
-    ``keep.indices[layer]``, so indexing here during a sparse step sees the query of the
-    step the decoder is running (a one-query step: the query sits at its own slot), and
-    ``choose(layer, query [B, 1, H_q, D], k_cache) -> chosen int32 [B, H_kv, N] | None``
-    re-chooses from it; the keep set is copied into the layer's buffer (as a captured
-    graph would need). Outside a sparse step the buffer is returned as it stands.
-    """
+class _StepIndices(StepKeepSets):
+    """:class:`~std_ext.selection.StepKeepSets` over the measurement's decoder (``plan`` kept for the tests)."""
 
     def __init__(self, cache, plan: _KeepPlan, heads: int, decoder: _Decoder, choose) -> None:
-        self.cache, self.plan, self.heads, self.decoder, self.choose = cache, plan, heads, decoder, choose
-        self.buffers = [indices.clone() for indices in cache.keep.indices]  # [B, H, width] per layer
+        super().__init__(cache, heads, lambda: decoder._step, choose)
+        self.plan, self.decoder = plan, decoder
 
     @property
     def step(self) -> ForwardStep:
         return self.decoder._step
-
-    def __len__(self) -> int:
-        return len(self.buffers)
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        step = self.step
-        if step is not None and step.mode == "sparse" and layer in step.captured:
-            k_cache, _ = self.cache.layer(layer)
-            chosen = self.choose(layer, step.captured[layer], k_cache)
-            if chosen is not None:
-                self.buffers[layer].copy_(keep_indices(self.plan.always, chosen, self.heads, self.plan.width))
-        return self.buffers[layer]
 
 
 def _check_grid(budgets, gammas, policies, max_new_tokens) -> None:

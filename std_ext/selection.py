@@ -382,6 +382,45 @@ class FollowPolicy(SelectionPolicy):
         return self._choose(layer, query, valid, k_cache)
 
 
+class StepKeepSets:
+    """``cache.keep.indices`` whose keep sets a policy re-chooses at every draft step, in place.
+
+    The attention function stores a step's captured query before it reads
+    ``keep.indices[layer]``, so indexing here during a sparse step that captures its query
+    sees the query of the running step, and ``choose(layer, query [B, 1, H_q, D], k_cache)
+    -> chosen int32 [B, H_kv, N] | None`` (e.g. :meth:`SelectionPolicy.draft_keep`)
+    re-chooses from it; the keep set is copied into the layer's own buffer, so that a draft
+    step captured as a CUDA graph replays the choice and reads the result (no host sync on
+    the way). Outside such a step the buffer is returned as it stands (an in-place verify
+    re-choice writes into it).
+
+    Parameters
+    ----------
+    cache : the static cache, its keep sets chosen (``cache.keep``)
+    heads : KV heads
+    current_step : returns the :class:`~std_ext.attention.ForwardStep` running, or None
+    choose : the per-step choice
+    """
+
+    def __init__(self, cache, heads: int, current_step: Callable, choose: Callable) -> None:
+        keep = cache.keep
+        self.cache, self.heads, self.current_step, self.choose = cache, heads, current_step, choose
+        self.always, self.width = keep.always, keep.width
+        self.buffers = [indices.clone() for indices in keep.indices]  # int32 [B, H, width] per layer
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        step = self.current_step()
+        if step is not None and step.mode == "sparse" and layer in step.captured:
+            k_cache = self.cache.layer(layer)[0]
+            chosen = self.choose(layer, step.captured[layer], k_cache)
+            if chosen is not None:
+                self.buffers[layer].copy_(keep_indices(self.always, chosen, self.heads, self.width))
+        return self.buffers[layer]
+
+
 POLICIES: dict[str, Callable[[], SelectionPolicy]] = {
     "question": QuestionPolicy,
     "recent": RecentPolicy,
