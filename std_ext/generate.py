@@ -42,8 +42,9 @@ class GenerationStats:
     gamma : the most drafts a round may run: the fixed ``gamma``, ``gamma_max`` under
         ``gamma="auto"``, 0 in vanilla mode
     budget : the keep-set budget asked for (an int, or "auto")
-    budget_chosen : kept prompt positions per KV head of each sequence (non-candidates
-        included): the budget itself, capped at the prompt, or what ``budget="auto"`` chose
+    budget_chosen : kept prompt positions per KV head of each sequence, non-candidates
+        included: an integer budget clamped to [#non-candidates, prompt length], or what
+        ``budget="auto"`` chose
     rounds : decode rounds run after prefill (a vanilla round emits one token)
     new_tokens : tokens emitted per sequence (prefill's token included)
     mean_accepted : accepted draft tokens per drafting round (γ >= 1), averaged over active
