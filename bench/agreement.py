@@ -165,7 +165,7 @@ def plot(records: list[AgreementRecord], gamma: int, path: str, title: str) -> N
         axis.set_xlabel("draft-step KV MB per sequence (keep set + scoring reads)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="lower right")
     figure.suptitle(title + "  (stars: budget='auto')", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
