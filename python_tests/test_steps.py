@@ -83,7 +83,8 @@ def counting_host_reads():
     dict(mode="vanilla"),
     dict(mode="std", gamma=3, do_sample=True, top_k=20),
     dict(mode="std", gamma=3, repetition_penalty=1.2),
-], ids=["std", "refresh", "auto", "vanilla", "sampling", "penalty"])
+    dict(mode="std", gamma=3, selection="follow", budget=40),
+], ids=["std", "refresh", "auto", "vanilla", "sampling", "penalty", "follow"])
 def test_a_round_reads_the_device_once(settings):
     model = model_of("qwen2")
     inputs = make_inputs(model, "qwen2", [40, 52, 60], seed=5)
@@ -208,3 +209,35 @@ def test_graphs_with_eos_in_a_ragged_batch():
                              candidate_mask=text_candidates(inputs), cuda_graphs=graphs) for graphs in (False, True)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert outs[1].stats.new_tokens[1] < 16
+
+
+def test_follow_rechooses_inside_every_draft_step_in_place():
+    """selection='follow' re-picks each layer's keep set from each draft step's own query,
+    into the same buffer (what a captured draft step reads), and stays lossless."""
+    from std_ext.selection import StepKeepSets
+
+    model = model_of("qwen2")
+    inputs = make_inputs(model, "qwen2", [400], n_visual=380, seed=12)
+    candidates = inputs["attention_mask"].bool().clone()
+    candidates[:, :4] = False
+    candidates[:, -10:] = False
+    seen, original = {}, StepKeepSets.__getitem__
+
+    def spy(self, layer):
+        out = original(self, layer)
+        if layer == 0:
+            seen.setdefault("pointers", set()).add(out.data_ptr())
+            seen.setdefault("sets", []).append(out.clone())
+        return out
+
+    StepKeepSets.__getitem__ = spy
+    try:
+        kwargs = dict(candidate_mask=candidates, max_new_tokens=12, budget=14 + 96)
+        out = std_ext.generate(model, **inputs, gamma=4, selection="follow", **kwargs)
+    finally:
+        StepKeepSets.__getitem__ = original
+    vanilla = std_ext.generate(model, **inputs, mode="vanilla", **kwargs)
+    assert torch.equal(out.sequences, vanilla.sequences)
+    assert len(seen["pointers"]) == 1  # always the same buffer
+    distinct = {tuple(t.flatten().tolist()) for t in seen["sets"]}
+    assert len(distinct) > 2, "the keep set never changed between draft steps: the test cannot fail"

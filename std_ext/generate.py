@@ -12,9 +12,9 @@ sequence has finished (plus, under ``"auto"``, the previous round's acceptance c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from .cache import KeepSets, StaticCache
 from .distributed import RankAgreement
 from .gamma import GammaController, round_trials
 from .models import ModelAdapter
-from .selection import SelectionInputs, SelectionPolicy, keep_indices, make_policy
+from .selection import SelectionInputs, SelectionPolicy, StepKeepSets, keep_indices, make_policy
 from .steps import StepRunner
 
 
@@ -239,7 +239,7 @@ def generate(
                                                       prompt_len, window, mode == "std", model_inputs)
         if mode == "std":
             with timer.phase("selection"):
-                _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget)
+                _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, stats=stats)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
         seen = None if warp.repetition_penalty is None else _SeenTokens(input_ids, first_logits.shape[-1])
         decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
@@ -304,14 +304,10 @@ def _observation_rows(
 # --------------------------------------------------------------------------- selection
 
 
-# generate() -> _warn_on_budget(candidate_mask, ..., stats) -> _select(..., candidate_mask, ...): the stats
-# travel keyed by the candidate mask's id, held weakly (an entry dies with its generate call)
-_STATS_FOR_SELECTION: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
 def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, *, gamma: int | None = None,
-            max_new_tokens: int | None = None) -> _KeepPlan:
-    """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``; returns the plan.
+            max_new_tokens: int | None = None, stats: GenerationStats | None = None) -> _KeepPlan:
+    """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``; returns the plan
+    (and records the budget chosen in ``stats``).
 
     ``gamma`` and ``max_new_tokens`` price ``budget="auto"``; by default they are read from
     the cache as :func:`generate` sizes it (``span`` = prompt width + max_new_tokens,
@@ -330,7 +326,6 @@ def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, *,
                                             reads=policy.draft_reads).k
 
     plan = _keep_plan(cache, step, candidate_mask, prompt_len, budget, auto)
-    stats = _STATS_FOR_SELECTION.pop(id(candidate_mask), None)
     if stats is not None:
         stats.budget_chosen = plan.budgets
     if auto is not None:
@@ -504,6 +499,10 @@ class _Decoder:
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
         self.ranks = ranks if ranks is not None else RankAgreement(adapter.model)
         self.steps = StepRunner(adapter, cache, rope_delta, cuda_graphs, stats.warnings)
+        self.draft_queries = policy is not None and policy.needs_draft_queries
+        if self.draft_queries:  # the policy re-chooses inside every draft step, in place (graph-safe)
+            cache.keep = dataclasses.replace(cache.keep, indices=StepKeepSets(
+                cache, adapter.num_kv_heads, lambda: self.steps.current, policy.draft_keep))
         self.seen = seen  # the repetition penalty's token sets; None without a penalty
         self.gamma, self.pad_id, self.max_new_tokens = gamma, pad_id, max_new_tokens
         self.rope_delta, self.timer, self.stats = rope_delta, timer, stats
@@ -613,7 +612,8 @@ class _Decoder:
         token = pending
         seen = None if self.seen is None else self.seen.now.clone()  # [B, V], grows with the drafts
         for j in range(gamma):
-            logits = self._forward("sparse", token[:, None], (self.cur_len + j)[:, None])[:, 0]  # [B, V]
+            logits = self._forward("sparse", token[:, None], (self.cur_len + j)[:, None],
+                                   capture=self.draft_queries)[:, 0]  # [B, V]
             if self.warp.do_sample:
                 q = self.warp.probs(logits, seen)
                 token = sampling.sample_tokens(q, self.warp.generator)
@@ -728,12 +728,7 @@ def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
 
 def _warn_on_budget(candidate_mask: torch.Tensor, prompt_len: torch.Tensor, budget: int | str,
                     stats: GenerationStats) -> None:
-    """A budget at or below the non-candidate count keeps no candidate: say so, do not run silently dense-free.
-
-    It also hands ``stats`` to :func:`_select` (which ``generate`` calls later with the same
-    ``candidate_mask`` but without the stats), so that the budget chosen is reported.
-    """
-    _STATS_FOR_SELECTION[id(candidate_mask)] = stats
+    """A budget at or below the non-candidate count keeps no candidate: say so, do not run silently dense-free."""
     if budget == "auto":  # chosen at selection, which warns then
         return
     n_candidates = candidate_mask.sum(1)  # [B]
