@@ -163,24 +163,20 @@ def test_float64_model_fails_before_the_prefill(inputs):
     assert spy.calls == 0
 
 
-def test_pixel_inputs_on_the_wrong_device_fail_before_the_prefill():
-    from tiny_models import make_inputs as make_vl_inputs
-
-    model = make_model("qwen2_vl")
-    batch = make_vl_inputs(model, "qwen2_vl", [90], n_visual=16)
-    batch["pixel_values_videos"] = batch["pixel_values_videos"].to("meta")
-    spy = _PrefillSpy(model)
-    with pytest.raises(ValueError, match="pixel_values_videos is on meta but the model is on cpu"):
-        std_ext.generate(model, **batch, max_new_tokens=4)
-    assert spy.calls == 0
-
-
-def test_mrope_without_token_types_is_an_error():
+@pytest.mark.parametrize("spoil, message", [
+    (lambda batch: batch.update(pixel_values_videos=batch["pixel_values_videos"].to("meta")),
+     "pixel_values_videos is on meta but the model is on cpu"),
+    (lambda batch: batch.pop("mm_token_type_ids"),
+     "mm_token_type_ids: Qwen2VLForConditionalGeneration places visual tokens"),
+], ids=["pixels-on-the-wrong-device", "mrope-without-token-types"])
+def test_bad_visual_inputs_fail_before_the_prefill(spoil, message):
     model = make_model("qwen2_vl")
     batch = make_inputs(model, "qwen2_vl", [90], n_visual=16)
-    del batch["mm_token_type_ids"]
-    with pytest.raises(ValueError, match="mm_token_type_ids: Qwen2VLForConditionalGeneration places visual tokens"):
+    spoil(batch)
+    spy = _PrefillSpy(model)
+    with pytest.raises(ValueError, match=message):
         std_ext.generate(model, **batch, max_new_tokens=4)
+    assert spy.calls == 0
 
 
 def test_a_budget_with_no_room_for_candidates_warns_and_is_recorded(model, inputs):
