@@ -55,8 +55,8 @@ import torch.nn.functional as F
 import transformers
 
 from tiny_models import (
+    build_tiny_model,
     BOS_ID,
-    EOS_ID,
     HIDDEN,
     IMAGE_ID,
     INIT_STD,
@@ -72,7 +72,6 @@ from tiny_models import (
     VISION_END_ID,
     VISION_START_ID,
     VOCAB_SIZE,
-    _reinit_,
     _text_config_kwargs,
 )
 
@@ -365,23 +364,7 @@ def _refused_config(name: str, overrides: dict) -> tuple[str, transformers.PreTr
 
 
 def _build(cls: type, config, seed: int, attn: str, init_std: float) -> transformers.PreTrainedModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
-    model = model.to(device="cpu", dtype=torch.float32)
-    _reinit_(model, seed, init_std)
-    with torch.no_grad():
-        # Reserved ids get logit exactly 0, far below the best text logit: never emitted.
-        model.get_output_embeddings().weight[list(_RESERVED_IDS)] = 0.0
-        model.get_input_embeddings().weight[PAD_ID] = 0.0
-    model.eval()
-    gen_cfg = model.generation_config
-    gen_cfg.bos_token_id, gen_cfg.eos_token_id, gen_cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
-    gen_cfg.do_sample = False
-    for attr in ("temperature", "top_p", "top_k"):  # no sampling knobs next to do_sample=False
-        if getattr(gen_cfg, attr, None) is not None:
-            setattr(gen_cfg, attr, None)
-    return model
+    return build_tiny_model(cls, config, seed, init_std=init_std, attn=attn, silent_ids=_RESERVED_IDS)
 
 
 def _model_class(name: str) -> type:

@@ -209,6 +209,33 @@ def _reinit_(model: nn.Module, seed: int, std: float) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
 
 
+def build_tiny_model(cls: type, config, seed: int, *, init_std: float = INIT_STD, attn: str = "sdpa",
+                     silent_ids=_SPECIAL_IDS) -> transformers.PreTrainedModel:
+    """``cls`` built from ``config`` the way every tiny model is: fp32, CPU, eval, weights from
+    :func:`_reinit_`, ``silent_ids`` never emitted, a greedy generation config with this
+    module's bos/eos/pad ids; the global torch RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model = model.to(device="cpu", dtype=torch.float32)
+    _reinit_(model, seed, init_std)
+    with torch.no_grad():
+        # Silent ids get logit exactly 0, far below the best text logit: greedy decoding
+        # never emits them (no eos, so generate always runs max_new_tokens steps).
+        model.get_output_embeddings().weight[list(silent_ids)] = 0.0
+        # Keep the pad embedding at zero, as nn.Embedding(padding_idx=PAD_ID) initialises it.
+        model.get_input_embeddings().weight[PAD_ID] = 0.0
+    model.eval()
+
+    gen_cfg = model.generation_config
+    gen_cfg.bos_token_id, gen_cfg.eos_token_id, gen_cfg.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    gen_cfg.do_sample = False
+    for attr in ("temperature", "top_p", "top_k"):  # no sampling knobs next to do_sample=False
+        if getattr(gen_cfg, attr, None) is not None:
+            setattr(gen_cfg, attr, None)
+    return model
+
+
 def make_model(kind: str, seed: int = 0, *, init_std: float = INIT_STD) -> transformers.PreTrainedModel:
     """Build the tiny model of ``kind`` (one of ``KINDS``): fp32, CPU, eval, SDPA attention.
 
@@ -216,28 +243,8 @@ def make_model(kind: str, seed: int = 0, *, init_std: float = INIT_STD) -> trans
     it was. See the module docstring for the sizes and the token-id layout.
     """
     config = _make_config(kind)
-    cls = getattr(transformers, _MODEL_CLASSES[kind])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    model = model.to(device="cpu", dtype=torch.float32)
-    _reinit_(model, seed, init_std)
-    with torch.no_grad():
-        # Special ids get logit exactly 0, far below the best text logit: greedy decoding
-        # never emits them (no eos, so generate always runs max_new_tokens steps).
-        model.get_output_embeddings().weight[list(_SPECIAL_IDS)] = 0.0
-        # Keep the pad embedding at zero, as nn.Embedding(padding_idx=PAD_ID) initialises it.
-        model.get_input_embeddings().weight[PAD_ID] = 0.0
-    model.eval()
-
-    gen_cfg = model.generation_config
-    gen_cfg.bos_token_id = BOS_ID
-    gen_cfg.eos_token_id = EOS_ID
-    gen_cfg.pad_token_id = PAD_ID
-    gen_cfg.do_sample = False
-    for attr in ("temperature", "top_p", "top_k"):  # no sampling knobs next to do_sample=False
-        if getattr(gen_cfg, attr, None) is not None:
-            setattr(gen_cfg, attr, None)
+    model = build_tiny_model(getattr(transformers, _MODEL_CLASSES[kind]), config, seed, init_std=init_std,
+                             silent_ids=_SPECIAL_IDS)
     if getattr(model.config, "pad_token_id", None) is None:
         try:
             model.config.pad_token_id = PAD_ID
