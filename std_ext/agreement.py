@@ -55,8 +55,6 @@ from .attention import ForwardStep
 from .cache import StaticCache
 from .generate import (
     GenerationStats,
-    _check_input_ids,
-    _check_inputs,
     _Decoder,
     _KeepPlan,
     _PhaseTimer,
@@ -65,6 +63,7 @@ from .generate import (
     _Warp,
 )
 from . import generation_args
+from .generation_inputs import check_input_ids, check_inputs
 from .models import ModelAdapter
 from .selection import FollowPolicy, SelectionPolicy, StepKeepSets, make_policy, ragged_topk
 
@@ -145,7 +144,7 @@ def measure_agreement(
     configs = list(configs) if configs is not None else [(policy, budget) for policy in policies for budget in budgets]
     _check_grid([b for _, b in configs] or budgets, gammas, [p for p, _ in configs] or policies, max_new_tokens)
     adapter = ModelAdapter.for_model(model)
-    _check_input_ids(input_ids, model)
+    check_input_ids(input_ids, model)
     explicit = {"max_new_tokens": max_new_tokens, "do_sample": False}
     if eos_token_id is not None:
         explicit["eos_token_id"] = eos_token_id
@@ -153,7 +152,7 @@ def measure_agreement(
     eos_ids, pad_id, model_inputs = args.eos_ids, args.pad_id, args.model_inputs
     if attention_mask is None:
         attention_mask = generation_args.infer_attention_mask(input_ids, pad_id, eos_ids)
-    input_ids, attention_mask, candidate_mask = _check_inputs(input_ids, attention_mask, candidate_mask, model)
+    input_ids, attention_mask, candidate_mask = check_inputs(input_ids, attention_mask, candidate_mask, model)
     adapter.check_rope_inputs(model_inputs)
     adapter.check_length(input_ids.shape[1] + max_new_tokens)
     if candidate_mask is None:
