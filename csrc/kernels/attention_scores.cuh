@@ -130,13 +130,7 @@ using mma::cp_async_wait;
 using mma::ldmatrix_x4;
 using mma::smem_address;
 using mma::launch_with_dynamic_smem;
-
-// 2^x; ex2.approx(-inf) = +0, which the masking relies on.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+using mma::fast_exp2;
 
 // ----------------------------------------------------------------------------- tiles
 
@@ -393,7 +387,7 @@ __device__ __forceinline__ void online_softmax_update(float (&acc)[2][8][4], flo
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(const ScoresParams<Element> p) {
   using Shape = TileShape<kHeadDim>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const smem = mma::dynamic_shared_memory();
   const uint32_t stationary_tile = smem_address(smem);
   const uint32_t stream_tiles = stationary_tile + Shape::kStationaryBytes;
 
@@ -581,7 +575,7 @@ __device__ __forceinline__ void accumulate_columns(const float (&acc)[2][8][4], 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 2) column_scores_kernel(const ScoresParams<Element> p) {
   using Shape = TileShape<kHeadDim>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const smem = mma::dynamic_shared_memory();
   const uint32_t stationary_tile = smem_address(smem);
   const uint32_t stream_tiles = stationary_tile + Shape::kStationaryBytes;
   unsigned char* meta = smem + Shape::kStationaryBytes + kStages * Shape::kStreamBytes;
@@ -797,24 +791,25 @@ cudaError_t launch_attention_scores(const AttentionScoresShape& shape, const Att
   cudaError_t err;
 
   const int64_t setup_blocks = static_cast<int64_t>(shape.batch) * (plan.rows_padded / kRowTile);
-  setup_rows_kernel<Element><<<static_cast<unsigned>(setup_blocks), kRowTile, 0, stream>>>(p);
+  launch_kernel(setup_rows_kernel<Element>, static_cast<unsigned>(setup_blocks), kRowTile, 0, stream, p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   constexpr auto row_stats = row_stats_kernel<Element, kHeadDim>;
   const int64_t row_stats_blocks = static_cast<int64_t>(plan.rows_padded / kStationaryRows) * plan.n_chunks * bh;
   err = launch_with_dynamic_smem<row_stats, Shape::kRowStatsSmem>([&] {
-    row_stats<<<static_cast<unsigned>(row_stats_blocks), kThreads, Shape::kRowStatsSmem, stream>>>(p);
+    launch_kernel(row_stats, static_cast<unsigned>(row_stats_blocks), kThreads, Shape::kRowStatsSmem, stream, p);
   });
   if (err != cudaSuccess) return err;
 
   const int64_t finish_blocks = static_cast<int64_t>(plan.rows_padded / kFinishRows) * bh;
-  finish_row_stats_kernel<Element><<<static_cast<unsigned>(finish_blocks), kFinishRows * kFinishSlices, 0, stream>>>(p);
+  launch_kernel(finish_row_stats_kernel<Element>, static_cast<unsigned>(finish_blocks), kFinishRows * kFinishSlices, 0,
+                stream, p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   constexpr auto column_scores = column_scores_kernel<Element, kHeadDim>;
   const int64_t key_blocks = (static_cast<int64_t>(shape.capacity) + kStationaryRows - 1) / kStationaryRows;
   return launch_with_dynamic_smem<column_scores, Shape::kColumnScoresSmem>([&] {
-    column_scores<<<static_cast<unsigned>(key_blocks * bh), kThreads, Shape::kColumnScoresSmem, stream>>>(p);
+    launch_kernel(column_scores, static_cast<unsigned>(key_blocks * bh), kThreads, Shape::kColumnScoresSmem, stream, p);
   });
 }
 

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   static_assert(kThreads % kChunksPerRow == 0 && kTileKeys % kRowStep == 0, "tile copy mapping");
   static_assert(kBlockRows * kHeadDim <= 2 * kTileElems, "the query tile is staged in pipeline stage 0");
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const smem_raw = mma::dynamic_shared_memory();
   T* const kv_smem = reinterpret_cast<T*>(smem_raw);  // stage s: K at 2s * kTileElems, V after it
   int* const vis_smem = reinterpret_cast<int*>(smem_raw + kStages * 2 * kTileElems * sizeof(T));
   float* const row_exchange = reinterpret_cast<float*>(vis_smem + kStages * kTileKeys);  // [4][16]
@@ -420,11 +420,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   mma::cp_async_wait<0>();  // no copy may outlive the block (they are all empty by now)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // The merge (a dependent launch) may start its blocks now; it waits for this grid's
   // completion before reading anything.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  mma::launch_dependent_grids();
 
   // ---- epilogue: the row sums, then the output (one split) or the split's partial
   float sum[2];
@@ -498,11 +496,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const float
   __shared__ float weights[kDecodeMaxSplits];
   __shared__ float warp_values[kWarps];
   __shared__ float column_sums[kWarps][kHeadDim];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a dependent grid, this kernel's blocks start while the attention kernel
   // drains; they wait here until its writes are complete and visible. A no-op otherwise.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  mma::wait_for_primary_grid();
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -613,7 +609,7 @@ cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int 
   constexpr int kSmem = smem_bytes<T, kHeadDim>();
   const dim3 grid(p.num_splits, p.kv_heads * row_groups, p.batch);
   cudaError_t err = mma::launch_with_dynamic_smem<kernel, kSmem>(
-      [&] { kernel<<<grid, kWarps * 32, kSmem, stream>>>(p); });
+      [&] { launch_kernel(kernel, grid, kWarps * 32, kSmem, stream, p); });
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.q_heads;
   // The merge is small and latency-bound; on sm_90 its launch overlaps the attention

@@ -1,6 +1,11 @@
 // What the tensor-core kernels share: thin wrappers over the PTX they are built from
-// (mma.sync m16n8k16 with fp32 accumulate, ldmatrix, cp.async), the 16-bit element types
-// they take, and the host-side shared-memory opt-in. Torch-free.
+// (mma.sync m16n8k16 with fp32 accumulate, ldmatrix, cp.async, ex2.approx, griddepcontrol),
+// the dynamic shared memory, the 16-bit element types they take, and the host-side
+// shared-memory opt-in. Torch-free.
+//
+// Every inline PTX statement of the kernels lives here, so that the same kernel sources
+// compile for the GPU (nvcc) and for the CPU emulator of the SIMT machine
+// (csrc/emulator/, STD_EXT_EMULATOR), which supplies each of these operations in software.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
 //   A (16x16, row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -11,6 +16,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "kernels/launch.cuh"
+
+#ifdef STD_EXT_EMULATOR
+#include "emulator/emulator.h"
+#endif
 
 #include <atomic>
 #include <cstdint>
@@ -33,11 +44,15 @@ struct Element<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 zero() { return __float2bfloat16_rn(0.f); }
   // c += a * b
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef STD_EXT_EMULATOR
+    emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -50,11 +65,15 @@ struct Element<__half> {
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half zero() { return __float2half_rn(0.f); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef STD_EXT_EMULATOR
+    emu::mma_m16n8k16<__half>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -70,9 +89,15 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 // register m receives this lane's part of matrix m.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                             uint32_t& r3) {
+#ifdef STD_EXT_EMULATOR
+  uint32_t r[4];
+  emu::ldmatrix_x4(smem_row, r, /*trans=*/false);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(smem_row));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
@@ -81,9 +106,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
 
 // As ldmatrix_x4, each matrix transposed (lane gets column g, rows 2t and 2t+1).
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#ifdef STD_EXT_EMULATOR
+  emu::ldmatrix_x4(smem_address(smem_row), r, /*trans=*/true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_address(smem_row)));
+#endif
 }
 
 // 16-byte global -> shared copy that bypasses L1. When !valid nothing is read and the
@@ -91,7 +120,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // garbage (a NaN in a masked row would still poison P.V through 0 * NaN).
 __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
+#ifdef STD_EXT_EMULATOR
+  emu::cp_async(smem, gmem, 16, src_bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+#endif
 }
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
@@ -100,15 +133,71 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 
 // 8 bytes global -> shared through L1 (small metadata rows).
 __device__ __forceinline__ void cp_async_8(uint32_t smem, const void* gmem) {
+#ifdef STD_EXT_EMULATOR
+  emu::cp_async(smem, gmem, 8, 8);
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem), "l"(gmem));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef STD_EXT_EMULATOR
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 // Waits until at most `kPending` of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef STD_EXT_EMULATOR
+  emu::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// 2^x with subnormal results flushed to zero (ex2.approx.ftz); ex2.approx(-inf) = +0,
+// which the attention kernels' masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef STD_EXT_EMULATOR
+  return emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// The block's dynamic shared memory (the launch's dynamicSmemBytes), 128-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+#ifdef STD_EXT_EMULATOR
+  return emu::dynamic_shared_memory();
+#else
+  extern __shared__ __align__(128) unsigned char dynamic_smem[];
+  return dynamic_smem;
+#endif
+}
+
+// Programmatic dependent launch (sm_90+): a primary grid lets the grid launched after it
+// start early, and that dependent grid waits for the primary's completion (and memory)
+// before it reads anything the primary wrote. Both are no-ops on older architectures,
+// where the dependent grid simply starts after the primary has finished.
+__device__ __forceinline__ void launch_dependent_grids() {
+#ifdef STD_EXT_EMULATOR
+  if (emu::arch() >= 90) emu::griddepcontrol_launch_dependents();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_primary_grid() {
+#ifdef STD_EXT_EMULATOR
+  if (emu::arch() >= 90) emu::griddepcontrol_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 // Opts kKernel into kBytes of dynamic shared memory (past the default 48 KB) once per

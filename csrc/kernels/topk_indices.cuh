@@ -33,6 +33,8 @@
 //     so nothing synchronizes with the host and the whole sequence is graph-capturable.
 #pragma once
 
+#include "kernels/launch.cuh"
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -602,9 +604,9 @@ inline cudaError_t launch_topk_indices(const TopkIndicesParams& params, const To
     if (rows > INT32_MAX) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned int>(rows));
     if (params.length <= kShortRowLength) {
-      topk_row_per_block_kernel<kShortRowThreads><<<grid, kShortRowThreads, 0, stream>>>(params);
+      launch_kernel(topk_row_per_block_kernel<kShortRowThreads>, grid, kShortRowThreads, 0, stream, params);
     } else {
-      topk_row_per_block_kernel<kLongRowThreads><<<grid, kLongRowThreads, 0, stream>>>(params);
+      launch_kernel(topk_row_per_block_kernel<kLongRowThreads>, grid, kLongRowThreads, 0, stream, params);
     }
     return cudaGetLastError();
   }
@@ -627,17 +629,17 @@ inline cudaError_t launch_topk_indices(const TopkIndicesParams& params, const To
 
   const dim3 grid(static_cast<unsigned int>(rows * blocks_per_row));
   for (int pass = 0; pass < kPasses; ++pass) {
-    topk_slice_pass_kernel<kSliceThreads>
-        <<<grid, kSliceThreads, 0, stream>>>(params, plan.slice_length, blocks_per_row, pass, slices);
+    launch_kernel(topk_slice_pass_kernel<kSliceThreads>, grid, kSliceThreads, 0, stream, params, plan.slice_length,
+                  blocks_per_row, pass, slices);
     status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
-  topk_slice_count_kernel<kSliceThreads>
-      <<<grid, kSliceThreads, 0, stream>>>(params, plan.slice_length, blocks_per_row, slices);
+  launch_kernel(topk_slice_count_kernel<kSliceThreads>, grid, kSliceThreads, 0, stream, params, plan.slice_length,
+                blocks_per_row, slices);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  topk_slice_write_kernel<kSliceThreads>
-      <<<grid, kSliceThreads, 0, stream>>>(params, plan.slice_length, blocks_per_row, slices);
+  launch_kernel(topk_slice_write_kernel<kSliceThreads>, grid, kSliceThreads, 0, stream, params, plan.slice_length,
+                blocks_per_row, slices);
   return cudaGetLastError();
 }
 
