@@ -47,11 +47,12 @@ def exact_joint(model, prompt: torch.Tensor) -> dict[tuple, float]:
     return joint
 
 
-def sampled_triples(model, inputs, candidates, seed):
+def sampled_triples(model, inputs, candidates, seed, draft_weights=None):
     batch = {key: value.expand(ROWS, -1) for key, value in inputs.items()}
     out = std_ext.generate(
         model, **batch, candidate_mask=candidates.expand(ROWS, -1), budget=0, gamma=2, max_new_tokens=3,
-        do_sample=True, generator=torch.Generator().manual_seed(seed), eos_token_id=-1, **WARP,
+        do_sample=True, generator=torch.Generator().manual_seed(seed), eos_token_id=-1, draft_weights=draft_weights,
+        **WARP,
     )
     return out.sequences[:, -3:], out.stats
 
@@ -66,10 +67,12 @@ def pvalue(triples, joint):
     return chi_square_pvalue(counts, torch.tensor([joint[c] for c in cells]))
 
 
-def test_std_sampling_matches_the_target_distribution(setting):
+@pytest.mark.parametrize("draft_weights", [None, "int4"])  # int4: a draft further from the target
+def test_std_sampling_matches_the_target_distribution(setting, draft_weights):
     model, inputs, candidates = setting
     joint = exact_joint(model, inputs["input_ids"])
-    triples, stats = sampled_triples(model, inputs, candidates, seed=0)
+    triples, stats = sampled_triples(model, inputs, candidates, seed=0, draft_weights=draft_weights)
+    assert stats.draft_weights == draft_weights
     # the draft is genuinely different from the target: rejections happen, and so do acceptances
     assert 0.05 < stats.acceptance_by_position[0] < 0.95, stats
     p = pvalue(triples, joint)

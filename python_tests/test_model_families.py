@@ -97,14 +97,19 @@ def check_keep_size(stats, budget: int) -> None:
     assert stats.keep_size == pytest.approx(budget), (stats.keep_size, budget)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_single_prompt_std_equals_vanilla_equals_transformers(family):
+def single_prompt(family: str):
+    """``(model, row, width, budget, expected)``: the family's model, one prompt, its width, a
+    budget keeping part of its candidates, and ``transformers``' greedy tokens for it."""
     model = model_of(family)
     (row,) = make_prompts(model, family, 1, seed=1)
-    width = row["input_ids"].shape[1]
-    budget = budget_between(model, family, row)
     expected = hf_generate(model, row, max_new_tokens=MAX_NEW)[0]
     assert len(expected) == MAX_NEW
+    return model, row, row["input_ids"].shape[1], budget_between(model, family, row), expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_prompt_std_equals_vanilla_equals_transformers(family):
+    model, row, width, budget, expected = single_prompt(family)
     vanilla = run(model, family, row, mode="vanilla")
     std = run(model, family, row, gamma=GAMMA, budget=budget)
     assert_same_tokens(model, row, expected, new_tokens(vanilla.sequences, width)[0], f"{family} vanilla")

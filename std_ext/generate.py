@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import budget as budget_model
+from . import draft_weights as draft_weights_module
 from . import generation_inputs, sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
-from .distributed import RankAgreement
+from .distributed import RankAgreement, tensor_parallel_size
 from .gamma import GammaController, round_trials
 from .models import ModelAdapter
 from .selection import SelectionInputs, SelectionPolicy, StepKeepSets, keep_indices
@@ -62,6 +63,10 @@ class GenerationStats:
     warnings : what the generation warned about (e.g. a budget that keeps no candidate)
     cuda_graphs : decode steps captured as CUDA graphs (one per kind and width used; 0 off CUDA)
     graph_memory_bytes : device memory those captures reserved
+    draft_weights : the precision the draft steps' linear layers ran at (None: the model's own)
+    draft_weights_bytes : memory the quantized copy holds (made once per model and cached on it;
+        0 where it shares the model's weights); ``draft_weight_read_bytes`` is what one draft
+        step reads for those layers, against ``dense_weight_read_bytes`` for the model's own
     """
 
     mode: str
@@ -83,6 +88,10 @@ class GenerationStats:
     cuda_graphs: int = 0
     graph_memory_bytes: int = 0
     budget_chosen: list[int] = field(default_factory=list)
+    draft_weights: str | None = None
+    draft_weights_bytes: int = 0
+    draft_weight_read_bytes: int = 0
+    dense_weight_read_bytes: int = 0
 
     @property
     def decode_s(self) -> float:
@@ -133,6 +142,7 @@ def generate(
     generation_config=None,
     cuda_graphs: bool | None = None,
     progress: bool = False,
+    draft_weights: str | None = None,
     **model_inputs,
 ) -> GenerationOutput:
     """Generate with Sparse-to-Dense decoding (or plain dense decoding), losslessly.
@@ -175,6 +185,11 @@ def generate(
         first use and replay it (default: on CUDA; the CPU runs the same static buffers eagerly).
         Same tokens either way; a step that cannot be captured falls back to eager, with a warning
     progress : show progress bars: prefill (per decoder layer) and decoding (per emitted token)
+    draft_weights : None (the draft runs the model's own weights), "bf16", "fp8", "int8" or "int4":
+        the draft steps run a weight-only quantized copy of the decoder's linear layers and LM head
+        (:mod:`std_ext.draft_weights`; made once per model, cached on it); verify and dense steps
+        always run the model's own weights, so the tokens are the same. A precision the device
+        cannot run is a ``ValueError`` before any work
     **model_inputs : other prefill inputs the model's forward takes (``pixel_values_videos``,
         ``video_grid_thw``, ``mm_token_type_ids``, ...). Any other keyword is a ``TypeError``;
         a generation argument std_ext does not reproduce exactly (``num_beams``,
@@ -201,7 +216,12 @@ def generate(
     device = input_ids.device
     batch, width = input_ids.shape
     max_new_tokens = args.max_new_tokens
+    draft = draft_weights_module.prepare(model, adapter.decoder, draft_weights, device, mode,
+                                         tensor_parallel_size(model) > 1)
     stats = GenerationStats(mode=mode, gamma=gamma, budget=budget, gamma_auto=call.gamma_auto)
+    if draft is not None:
+        stats.draft_weights, stats.draft_weights_bytes = draft.precision, draft.nbytes
+        stats.draft_weight_read_bytes, stats.dense_weight_read_bytes = draft.weight_bytes, draft.original_bytes
     if mode == "std":
         generation_inputs.warn_on_budget(candidate_mask, prompt_len, budget, stats)
     cache = StaticCache.allocate(adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, call.capacity,
@@ -221,7 +241,7 @@ def generate(
                            prompt_len, timer, stats, seen=seen,
                            controller=GammaController(gamma) if call.gamma_auto else None,
                            cuda_graphs=device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
-                           ranks=ranks)
+                           ranks=ranks, draft_weights=draft)
         new_tokens = decoder.run(warp.pick(first_logits[:, -1], None if seen is None else seen.now), progress)
     timer.collect(stats)
     sequences = torch.cat([input_ids, new_tokens], dim=1)
@@ -471,10 +491,10 @@ class _Decoder:
 
     def __init__(self, adapter, cache, policy, warp, gamma, eos_ids, pad_id, max_new_tokens, rope_delta,
                  prompt_len, timer, stats, controller: GammaController | None = None, seen: _SeenTokens | None = None,
-                 cuda_graphs: bool = False, ranks: RankAgreement | None = None):
+                 cuda_graphs: bool = False, ranks: RankAgreement | None = None, draft_weights=None):
         self.adapter, self.cache, self.policy, self.warp = adapter, cache, policy, warp
         self.ranks = ranks if ranks is not None else RankAgreement(adapter.model)
-        self.steps = StepRunner(adapter, cache, rope_delta, cuda_graphs, stats.warnings)
+        self.steps = StepRunner(adapter, cache, rope_delta, cuda_graphs, stats.warnings, draft_weights)
         self.draft_queries = policy is not None and policy.needs_draft_queries
         if self.draft_queries:  # the policy re-chooses inside every draft step, in place (graph-safe)
             cache.keep = dataclasses.replace(cache.keep, indices=StepKeepSets(
@@ -524,7 +544,7 @@ class _Decoder:
             tally.add(active, n, gamma, keep_last=self.controller is not None)
             gammas.append(gamma)
         if bar is not None:
-            bar.close()
+            _end_progress(bar)
         self._finish_stats(gammas, tally, emitted)
         return out[:, : int(emitted.max())]
 
@@ -647,6 +667,16 @@ def _progress_bar(enabled: bool, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="std_ext decode", unit="tok")
+
+
+def _end_progress(bar) -> None:
+    """Close the decode bar; one that every sequence's EOS stopped short of its total says so
+    (a bar frozen at 17/48 reads as a hang or a crash)."""
+    if bar.n < bar.total:
+        bar.set_postfix_str(f"ended at EOS after {bar.n} of at most {bar.total} tokens", refresh=False)
+        bar.total = bar.n
+        bar.refresh()
+    bar.close()
 
 
 @contextlib.contextmanager

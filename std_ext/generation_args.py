@@ -121,7 +121,7 @@ def _unknown_argument_message(name: str, forward_inputs: frozenset[str]) -> str:
 
 _STD_ARGUMENTS = frozenset({
     "mode", "gamma", "gamma_max", "budget", "window", "selection", "candidate_mask", "generator", "progress",
-    "generation_config", "attention_mask", "input_ids",
+    "generation_config", "attention_mask", "input_ids", "draft_weights", "cuda_graphs",
 })
 
 

@@ -14,6 +14,7 @@ On the CPU the same buffers run eagerly, so the buffer logic is what CI tests.
 
 from __future__ import annotations
 
+import contextlib
 import warnings as _warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,11 +49,16 @@ class StepRunner:
     use_graphs : capture CUDA graphs (ignored off CUDA)
     warnings : where a failed capture is reported (the run then continues eagerly: the
         tokens are the same, only slower)
+    draft_weights : a :class:`~std_ext.draft_weights.DraftWeights` the sparse (draft) steps run
+        with, or None (the model's own weights). The swap happens inside the step's function,
+        so a captured draft graph holds the quantized matrix products; dense and verify steps
+        never see them.
     """
 
     def __init__(self, adapter, cache: StaticCache, rope_delta: torch.Tensor, use_graphs: bool,
-                 warnings: list[str] | None = None) -> None:
+                 warnings: list[str] | None = None, draft_weights=None) -> None:
         self.adapter, self.cache, self.rope_delta = adapter, cache, rope_delta
+        self.draft_weights = draft_weights
         self.use_graphs = use_graphs and rope_delta.device.type == "cuda"
         self.warnings = warnings if warnings is not None else []
         self.steps: dict[tuple[str, int, bool], _Step] = {}
@@ -97,11 +103,13 @@ class StepRunner:
         state = ForwardStep(mode=mode, cache=self.cache, slots=positions, kv_len=kv_len, capture_rows=rows)
         step = _Step(tokens=tokens, positions=positions, kv_len=kv_len, state=state)
         adapter, rope_delta = self.adapter, self.rope_delta
+        weights = self.draft_weights.active if mode == "sparse" and self.draft_weights is not None else None
 
         def forward() -> torch.Tensor:
             kv_len.copy_(positions[:, -1] + 1)  # the queries' own K/V are stored first
-            out = adapter.model(input_ids=tokens, position_ids=adapter.decode_positions(positions, rope_delta),
-                                use_cache=False, std_ext_step=state)
+            with weights() if weights is not None else contextlib.nullcontext():
+                out = adapter.model(input_ids=tokens, position_ids=adapter.decode_positions(positions, rope_delta),
+                                    use_cache=False, std_ext_step=state)
             return out.logits
 
         step.forward = forward
