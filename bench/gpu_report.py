@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import latency_model
+
 SUITE = "cuda"
 OP_ORDER = ["dense_attention", "sparse_attention", "attention_scores", "topk_indices", "prefill_selection"]
 
@@ -125,7 +127,7 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
 
     Keys (None when not applicable or not measured): time_us, cold_time_us, host_time_us, bw_GBps, bw_ratio,
     warm_bw_ratio, l2_resident, tflops, tflops_ratio, kernel_over_torch, cold_kernel_over_torch,
-    qn10_over_qn1, total_ms, merge_share (merge / attention kernel time), rows_over_keys (time of the
+    qn10_over_qn1, total_ms, model_us (bench/latency_model.py's prediction for this device), merge_share (merge / attention kernel time), rows_over_keys (time of the
     rows-layout twin / time), rows_bw_ratio (its bandwidth over copy), tail_ratio (sparse: time / time
     at tail 64), targets (list of {target, metric, value, pass}).
     """
@@ -137,6 +139,7 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
                                  "kernel_over_torch", "cold_kernel_over_torch", "qn10_over_qn1", "total_ms",
                                  "merge_share", "rows_over_keys", "rows_bw_ratio", "tail_ratio")}
     m["time_us"] = warm * 1e6 if warm is not None else None
+    m["model_us"] = latency_model.predict_entry(info)
     m["cold_time_us"] = cold * 1e6 if cold else None
     m["host_time_us"] = info["host_time_s"] * 1e6 if info.get("host_time_s") else None
     bytes_kv, copy = info.get("bytes_kv"), info.get("copy_GBps")
@@ -275,6 +278,8 @@ def _header(entries: list[dict]) -> list[str]:
                  "so warm calls read them from L2. Cold: median per-call GPU time (events around each call) with L2 flushed before it by reading a "
                  f"{(info.get('flush_bytes') or 0) / 2**20:.0f} MiB buffer. Bandwidth, TFLOP/s, the sparse latency "
                  "and Qn10/Qn1 use cold times; kernel/torch and the 28-layer total use warm ones.")
+    lines.append("- Model: the per-call prediction of bench/latency_model.py for this device (bytes over bandwidth, "
+                 "waves, launches, DRAM and L2 round trips; decode kernels only), to set beside the cold time.")
     lines.append("- Host: time to issue one kernel call from Python (wrapper, dispatcher, launch) while the GPU runs "
                  "behind; where it exceeds the cold time, the warm figure is the issue rate, not the kernel's.")
     lines.append("- Bandwidth counts K and V bytes read once (q, out and indices not counted); TFLOP/s counts "
@@ -288,12 +293,14 @@ def _header(entries: list[dict]) -> list[str]:
 def markdown(rows: list[dict], entries: Optional[list[dict]] = None) -> str:
     out = _header(entries or [])
     out.append("")
-    out.append("| op | shape | warm us/call | cold us/call | host us/call | efficiency | kernel/torch | Qn10/Qn1 | targets |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("| op | shape | warm us/call | cold us/call | model us/call | host us/call | efficiency | kernel/torch | "
+               "Qn10/Qn1 | targets |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         warm = _us(r.get("time_us")) + (" (L2)" if r.get("l2_resident") else "")
         targets = "; ".join(f"{t['target'].split(' (')[0]}: {_verdict(t['pass'])}" for t in r["targets"]) or "-"
-        out.append(f"| {r['op']} | {r['shape']} | {warm} | {_us(r.get('cold_time_us'))} | {_us(r.get('host_time_us'))} | "
+        out.append(f"| {r['op']} | {r['shape']} | {warm} | {_us(r.get('cold_time_us'))} | {_us(r.get('model_us'))} | "
+                   f"{_us(r.get('host_time_us'))} | "
                    f"{_efficiency(r)} | "
                    f"{_num(r.get('kernel_over_torch'))} | {_num(r.get('qn10_over_qn1'))} | {targets} |")
     decode = [r for r in rows if any(r.get(k) is not None for k in ("merge_share", "rows_over_keys", "tail_ratio"))]

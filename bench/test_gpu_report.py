@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import gpu_report
+import latency_model
 
 REPORT = Path(__file__).resolve().parent / "gpu_report.py"
 MiB = 2**20
@@ -101,25 +102,27 @@ def test_report_figures_and_targets(bench_json, tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in table and "3000 GB/s" in table and "600 TFLOP/s" in table
     assert "bfloat16-ctx8192" not in table and "ctx=8K" not in table  # the CPU entry
 
-    # op | shape | warm | cold | host | efficiency | kernel/torch | Qn10/Qn1 | targets
+    # op | shape | warm | cold | model | host | efficiency | kernel/torch | Qn10/Qn1 | targets
     qn1 = _row(table, "| dense_attention | B=1 ctx=64K Qn=1 |")
-    assert qn1[2:6] == ["52.0", "50.0", "6.0", "0.89 of copy (2.68 TB/s)"] and qn1[6] == "0.26"
+    assert qn1[2:4] == ["52.0", "50.0"] and qn1[5:7] == ["6.0", "0.89 of copy (2.68 TB/s)"] and qn1[7] == "0.26"
+    predicted = latency_model.predict_decode(latency_model.DecodeCall("dense_attention", 1, 4, 7, 1, 128, 65536))
+    assert qn1[4] == f"{predicted.total_s * 1e6:.1f}"
     qn10 = _row(table, "| dense_attention | B=1 ctx=64K Qn=10 |")
-    assert qn10[5].startswith("0.81 of copy") and qn10[6] == "0.15" and qn10[7] == "1.10"
-    assert qn10[8] == "bandwidth >= 0.80 x copy: pass; Qn10/Qn1 <= 1.15: pass; kernel/torch <= 0.50: pass"
+    assert qn10[6].startswith("0.81 of copy") and qn10[7] == "0.15" and qn10[8] == "1.10"
+    assert qn10[9] == "bandwidth >= 0.80 x copy: pass; Qn10/Qn1 <= 1.15: pass; kernel/torch <= 0.50: pass"
     small = _row(table, "| sparse_attention | B=1 keep=1024+64 ctx=32K Qn=1 |")
-    assert small[2] == "9.0 (L2)" and small[3] == "8.0" and small[6] == "0.03"
-    assert "<= 10 us per call: pass" in small[8]
+    assert small[2] == "9.0 (L2)" and small[3] == "8.0" and small[7] == "0.03"
+    assert "<= 10 us per call: pass" in small[9]
     big = _row(table, "| sparse_attention | B=32 keep=2048+64 ctx=32K Qn=1 |")
-    assert big[5].startswith("0.66 of copy") and big[6] == "-"
-    assert big[8] == "bandwidth >= 0.70 x copy: **miss**; kernel/torch <= 0.50: n/a"
+    assert big[6].startswith("0.66 of copy") and big[7] == "-"
+    assert big[9] == "bandwidth >= 0.70 x copy: **miss**; kernel/torch <= 0.50: n/a"
     scores = _row(table, "| attention_scores | B=1 S=128K T=256 |")
-    assert scores[5] == "0.50 of matmul (301 TFLOP/s)" and scores[6] == "0.17"
-    assert scores[8] == "TFLOP/s >= 0.40 x matmul: pass; kernel/torch <= 0.33: pass"
+    assert scores[6] == "0.50 of matmul (301 TFLOP/s)" and scores[7] == "0.17" and scores[4] == "-"
+    assert scores[9] == "TFLOP/s >= 0.40 x matmul: pass; kernel/torch <= 0.33: pass"
     topk = _row(table, "| topk_indices | 28x4 rows x 128K, k=1024 |")
-    assert topk[6] == "0.40" and topk[8] == "kernel/torch <= 0.33: **miss**"
+    assert topk[7] == "0.40" and topk[9] == "kernel/torch <= 0.33: **miss**"
     select = _row(table, "| prefill_selection |")
-    assert select[2] == "25,000" and select[8] == "28 layers <= 30 ms: pass"
+    assert select[2] == "25,000" and select[9] == "28 layers <= 30 ms: pass"
 
     # the summary: one line per (case, target); 2 misses, 1 not measured (no twin)
     assert "| 28 layers <= 30 ms (S=128K, T=128) | prefill_selection" in table and "| 25.000 | pass |" in table

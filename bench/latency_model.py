@@ -1,0 +1,263 @@
+"""Per-call latency model of the CUDA kernels on an H100 or H200: what a call should cost
+from its bytes, its waves, its launches and DRAM latency, so that the first GPU run shows
+each kernel's distance from its floor and each planned fix's predicted effect.
+
+    python bench/latency_model.py                  # the key shapes, H100 and H200, today and with each fix
+    python bench/latency_model.py --gpu H200
+
+Standard library only (``bench/gpu_report.py`` imports it to print the prediction beside
+each measurement). The split plan is the one in ``csrc/kernels/decode_plan.h`` (a CPU test
+checks this copy against ``torch.ops.std.decode_split_plan``); blocks per SM of each kernel
+variant are the ptxas figures recorded in ``bench/RESULTS.md`` (registers and shared memory
+per block against the SM's 65,536 registers and 228 KB).
+
+The decode model (dense_attention and sparse_attention), one call:
+
+    attention kernel = launch + [stage Q: one DRAM round trip] + first K/V tile: one round trip
+                       + waves x (tiles of the busiest split) x max(tile bytes / block's share
+                         of HBM bandwidth among the blocks that read tiles, tile compute)
+                       + epilogue: one L2 round trip (writes)
+    merge kernel     = (num_splits > 1) the dependent-launch gap + two dependent L2 round trips
+                       (the lse, then the partials, written moments ago) + partial bytes / L2
+                       bandwidth + one write round trip, per wave of merge blocks; fused into the
+                       attention kernel (the last block of a row merges): an atomic arrival
+                       (one L2 round trip) instead of the launch gap
+
+Every figure is a prediction, not a measurement; the parameters (launch gap, DRAM round
+trip, tile compute) are set from published H100 microbenchmarks and say so. What the model
+is for is the comparison: today's kernels against the fixes of the decode-latency issue,
+each switched on by a flag of :class:`Fixes`, on the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+TILE_KEYS = 64  # decode_plan.h kDecodeTileKeys
+MAX_SPLITS = 256  # decode_plan.h kDecodeMaxSplits
+ROWS_PER_WARP = 16
+MERGE_BLOCKS_PER_SM = 8  # 256 threads, 32 registers (RESULTS.md)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    hbm_bytes_per_s: float  # achievable copy bandwidth (about 90% of the datasheet's)
+    launch_s: float  # kernel-to-kernel gap of a captured graph (no host in the loop)
+    dependent_launch_s: float  # the same gap when the next grid is a programmatic dependent launch (sm_90)
+    dram_round_trip_s: float  # one dependent global load that misses L2
+    l2_round_trip_s: float  # one that hits L2 (data written moments ago: partials, counters)
+    l2_bytes_per_s: float
+    tile_compute_s: float  # one 64-key tile's mma + softmax work in a block, when not waiting on memory
+
+
+# Datasheet HBM: H100 SXM 3.35 TB/s, H200 4.8 TB/s; copies reach about 90%. Launch gap and
+# latencies (public Hopper microbenchmarks, rounded): about 1 us between dependent kernels of
+# a graph, about half of it with a programmatic dependent launch; about 0.7 us per DRAM
+# round trip and 0.3 us per L2 hit; L2 bandwidth about 2.5x HBM. Tile compute from the mma
+# count of a 64 x 128 tile at the issue rate of one SM sub-partition.
+H100 = Gpu("H100", sms=132, hbm_bytes_per_s=3.0e12, launch_s=1.0e-6, dependent_launch_s=0.5e-6,
+           dram_round_trip_s=0.7e-6, l2_round_trip_s=0.3e-6, l2_bytes_per_s=7.5e12, tile_compute_s=0.25e-6)
+H200 = Gpu("H200", sms=132, hbm_bytes_per_s=4.3e12, launch_s=1.0e-6, dependent_launch_s=0.5e-6,
+           dram_round_trip_s=0.7e-6, l2_round_trip_s=0.3e-6, l2_bytes_per_s=7.5e12, tile_compute_s=0.25e-6)
+GPUS = {"H100": H100, "H200": H200}
+
+# Resident blocks per SM of each decode kernel variant on sm_90a (bench/RESULTS.md, issue 16
+# table): (op, head_dim, layout) -> blocks; layout "keys", "rows64" (4 warps), "rows128" (8 warps).
+BLOCKS_PER_SM = {
+    ("dense_attention", 128, "keys"): 2, ("dense_attention", 128, "rows64"): 2, ("dense_attention", 128, "rows128"): 1,
+    ("dense_attention", 64, "keys"): 3, ("dense_attention", 64, "rows64"): 3, ("dense_attention", 64, "rows128"): 1,
+    ("sparse_attention", 128, "keys"): 2, ("sparse_attention", 128, "rows64"): 2, ("sparse_attention", 128, "rows128"): 1,
+    ("sparse_attention", 64, "keys"): 3, ("sparse_attention", 64, "rows64"): 3, ("sparse_attention", 64, "rows128"): 1,
+}
+
+
+@dataclass(frozen=True)
+class Fixes:
+    """The decode-latency issue's fixes, each one a flag (all off: the kernels as they are)."""
+
+    verify_occupancy: bool = False  # item 1: the 8-warp rows variant as resident as the keys variant
+    empty_splits_exit: bool = False  # item 2: a split with no tile writes only lse = -inf; the merge skips it
+    sparse_splits_from_list: bool = False  # item 2: sparse sizes its splits from keep set + tail
+    prologue_overlap: bool = False  # item 3: K/V tiles issued before Q is staged (one round trip, not two)
+    fused_merge: bool = False  # item 4: the last block of a (sequence, KV head) merges: one launch
+
+
+ALL_FIXES = Fixes(True, True, True, True, True)
+
+
+@dataclass(frozen=True)
+class DecodeCall:
+    op: str  # "dense_attention" | "sparse_attention"
+    batch: int
+    kv_heads: int
+    group: int
+    qn: int
+    head_dim: int
+    context: int  # dense: kv_len; sparse: the position the tail starts at (only for bytes of nothing)
+    keep: int = 0  # sparse: keep-set entries (all valid)
+    tail: int = 0  # sparse: generated positions after the prompt
+    dtype_bytes: int = 2
+
+
+def split_plan(batch: int, kv_heads: int, qn: int, group: int, num_indices: int, sms: int, blocks_per_sm: int):
+    """(num_splits, tail_offset, layout, warps, block_rows, row_groups): decode_plan.h's plan."""
+    heads = batch * kv_heads
+    splits = max(1, min(MAX_SPLITS, (sms * max(blocks_per_sm, 1)) // heads if heads > 0 else 1))
+    tail_offset = math.ceil(num_indices / TILE_KEYS) * TILE_KEYS
+    rows = qn * group
+    if rows <= ROWS_PER_WARP:
+        layout, warps, block_rows = "keys", 4, ROWS_PER_WARP
+    else:
+        warps = 4 if rows <= 4 * ROWS_PER_WARP else 8
+        layout, block_rows = "rows", warps * ROWS_PER_WARP
+    row_groups = max(1, math.ceil(rows / block_rows))
+    return splits, tail_offset, layout, warps, block_rows, row_groups
+
+
+@dataclass
+class Prediction:
+    attention_s: float
+    merge_s: float
+    waves: int
+    num_splits: int
+    busy_splits: int
+    kv_bytes: int
+    partial_bytes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.attention_s + self.merge_s
+
+
+def predict_decode(call: DecodeCall, gpu: Gpu = H100, fixes: Fixes = Fixes()) -> Prediction:
+    """Predicted time of one dense_attention / sparse_attention call (see the module docstring)."""
+    sparse = call.op == "sparse_attention"
+    keys_bps = BLOCKS_PER_SM[(call.op, call.head_dim, "keys")]
+    splits, tail_offset, layout, warps, block_rows, row_groups = split_plan(
+        call.batch, call.kv_heads, call.qn, call.group, call.keep if sparse else 0, gpu.sms, keys_bps)
+    list_len = (tail_offset + call.tail) if sparse else call.context
+    tiles = math.ceil(list_len / TILE_KEYS) if list_len > 0 else 0
+    if sparse and fixes.sparse_splits_from_list:
+        splits = max(1, min(splits, tiles))  # the draft is not bound by bit-exactness
+    busy = min(splits, tiles)
+    tiles_per_split = math.ceil(tiles / splits) if tiles else 0
+
+    variant = "keys" if layout == "keys" else ("rows64" if warps == 4 else "rows128")
+    bps = BLOCKS_PER_SM[(call.op, call.head_dim, variant)]
+    if fixes.verify_occupancy:
+        bps = max(bps, keys_bps)
+    working_blocks = (busy if fixes.empty_splits_exit else splits) * call.kv_heads * row_groups * call.batch
+    waves = max(1, math.ceil(working_blocks / (gpu.sms * bps)))
+
+    valid_entries = (call.keep + call.tail) if sparse else call.context
+    kv_bytes = call.batch * call.kv_heads * valid_entries * call.head_dim * call.dtype_bytes * 2 * row_groups
+    tile_bytes = TILE_KEYS * call.head_dim * call.dtype_bytes * 2
+    # Only blocks that read tiles share the bandwidth; idle splits cost their Q staging and
+    # partial writes (counted in the merge's bytes).
+    readers = min(busy * call.kv_heads * row_groups * call.batch, gpu.sms * bps)
+    per_block_bw = gpu.hbm_bytes_per_s / max(readers, 1)
+    tile_time = max(tile_bytes / per_block_bw, gpu.tile_compute_s)
+    # Q staging then the first tile: two dependent round trips, or one when the tiles are
+    # issued first and Q arrives meanwhile.
+    prologue = gpu.dram_round_trip_s * (1 if fixes.prologue_overlap else 2)
+    epilogue = gpu.l2_round_trip_s
+    attention = gpu.launch_s + prologue + waves * tiles_per_split * tile_time + epilogue
+
+    out_rows = call.batch * call.qn * call.kv_heads * call.group
+    merge = 0.0
+    partial_bytes = 0
+    if splits > 1:
+        read_splits = busy if fixes.empty_splits_exit else splits
+        partial_bytes = out_rows * read_splits * (call.head_dim * 4 + 4) + out_rows * splits * 4
+        written = out_rows * splits * (4 + (0 if fixes.empty_splits_exit else call.head_dim * 4))
+        partial_bytes = max(partial_bytes, written)
+        merge_waves = max(1, math.ceil(out_rows / (gpu.sms * MERGE_BLOCKS_PER_SM)))
+        body = 3 * gpu.l2_round_trip_s + partial_bytes / gpu.l2_bytes_per_s
+        if fixes.fused_merge:
+            merge = gpu.l2_round_trip_s + body
+        else:
+            merge = gpu.dependent_launch_s + merge_waves * body
+    return Prediction(attention, merge, waves, splits, busy, kv_bytes, partial_bytes)
+
+
+def floor_s(call: DecodeCall, gpu: Gpu = H100) -> float:
+    """The bandwidth floor: K and V read once at the copy bandwidth."""
+    valid = (call.keep + call.tail) if call.op == "sparse_attention" else call.context
+    return call.batch * call.kv_heads * valid * call.head_dim * call.dtype_bytes * 2 / gpu.hbm_bytes_per_s
+
+
+def gpu_for(device_name: Optional[str]) -> Optional[Gpu]:
+    """The modelled GPU a device name (as torch prints it) refers to, or None."""
+    name = (device_name or "").upper()
+    for key in ("H200", "H100"):
+        if key in name:
+            return GPUS[key]
+    return None
+
+
+def predict_entry(info: dict) -> Optional[float]:
+    """Predicted microseconds per call of a benchmark entry's ``extra_info`` (today's kernels),
+    or None for an op or device the model does not cover."""
+    gpu = gpu_for(info.get("device"))
+    op = info.get("op")
+    if gpu is None or op not in ("dense_attention", "sparse_attention"):
+        return None
+    hkv, hq = info.get("hkv"), info.get("hq")
+    if not hkv or not hq:
+        return None
+    call = DecodeCall(op, batch=info.get("batch") or 1, kv_heads=hkv, group=hq // hkv, qn=info.get("qn") or 1,
+                      head_dim=info.get("head_dim") or 128, context=info.get("context") or 0,
+                      keep=info.get("keep") or 0, tail=info.get("tail") or 0)
+    return predict_decode(call, gpu).total_s * 1e6
+
+
+# Qwen2-7B's attention geometry: 28 query heads over 4 KV heads (G = 7), head_dim 128.
+KEY_SHAPES = (
+    ("decode, B=1, 64K", DecodeCall("dense_attention", 1, 4, 7, 1, 128, 65536)),
+    ("decode, B=8, 32K", DecodeCall("dense_attention", 8, 4, 7, 1, 128, 32768)),
+    ("verify γ=9, B=1, 64K", DecodeCall("dense_attention", 1, 4, 7, 10, 128, 65536)),
+    ("verify γ=9, B=8, 32K", DecodeCall("dense_attention", 8, 4, 7, 10, 128, 32768)),
+    ("draft, B=1, keep 1024 + tail 64", DecodeCall("sparse_attention", 1, 4, 7, 1, 128, 65536, keep=1024, tail=64)),
+    ("draft, B=8, keep 1024 + tail 64", DecodeCall("sparse_attention", 8, 4, 7, 1, 128, 32768, keep=1024, tail=64)),
+)
+
+FIX_STEPS = (
+    ("today", Fixes()),
+    ("+ verify occupancy", Fixes(verify_occupancy=True)),
+    ("+ empty splits exit", Fixes(verify_occupancy=True, empty_splits_exit=True, sparse_splits_from_list=True)),
+    ("+ prologue overlap", Fixes(verify_occupancy=True, empty_splits_exit=True, sparse_splits_from_list=True,
+                                 prologue_overlap=True)),
+    ("+ one launch", ALL_FIXES),
+)
+
+
+def table(gpu: Gpu) -> str:
+    lines = [f"Predicted us per call on an {gpu.name} (model: bench/latency_model.py; floor = K/V bytes "
+             f"over {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s):", "",
+             "| call | floor | " + " | ".join(name for name, _ in FIX_STEPS) + " | waves today / fixed |",
+             "|---|---|" + "---|" * len(FIX_STEPS) + "---|"]
+    for label, call in KEY_SHAPES:
+        cells = []
+        for _, fixes in FIX_STEPS:
+            cells.append(f"{predict_decode(call, gpu, fixes).total_s * 1e6:.1f}")
+        waves = f"{predict_decode(call, gpu).waves} / {predict_decode(call, gpu, ALL_FIXES).waves}"
+        lines.append(f"| {label} | {floor_s(call, gpu) * 1e6:.1f} | " + " | ".join(cells) + f" | {waves} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", choices=sorted(GPUS), nargs="+", default=sorted(GPUS))
+    args = parser.parse_args(argv)
+    for name in args.gpu:
+        sys.stdout.write(table(GPUS[name]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
