@@ -32,7 +32,8 @@ AttentionDims check_sparse_attention_args(const at::Tensor& q, const at::Tensor&
 AttentionDims check_dense_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                          const at::Tensor& v_cache, const at::Tensor& kv_len);
 
-// True on CPU; on other devices only when the environment sets STD_EXT_DEBUG=1.
+// True on CPU; on other devices only when the environment sets STD_EXT_DEBUG=1. In the
+// emulator build (STD_EXT_EMULATOR) the CUDA rule holds for the CPU tensors too.
 bool value_checks_enabled(const at::Tensor& like);
 
 // Value checks. They accept tensors on any device (copied to the host first).

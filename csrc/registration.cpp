@@ -1,8 +1,12 @@
-// The one registration file: every torch.ops.std schema lives here. Backends only
+// The one registration file of torch.ops.std: the attention schemas come from
+// op_schemas.h (shared with the emulated library), the rest live here. Backends only
 // register implementations (csrc/cpu/*_kernel.cpp, csrc/cuda/*_kernel.cu), and the
 // fake (meta) kernels for torch.compile are registered from std_ext/ops.py.
 // Semantics: ../shared/DESIGN.md §3 (mirrored in README.md).
 #include <Python.h>
+
+#include "op_schemas.h"
+
 #include <torch/library.h>
 
 extern "C" {
@@ -15,15 +19,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(std, m) {
-  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
-  m.def("attention_scores(Tensor q, Tensor k_cache, Tensor q_pos, float scale) -> Tensor", tags);
-  m.def("topk_indices(Tensor scores, Tensor candidates, int k) -> Tensor", tags);
-  m.def(
-      "sparse_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor tail_start, "
-      "Tensor kv_len, float scale) -> Tensor",
-      tags);
-  m.def("dense_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_len, float scale) -> Tensor",
-        tags);
+  std_ext::define_attention_op_schemas(m);
   // Introspection, not part of the attention API: the CUDA decode kernels' split plan
   // (csrc/kernels/decode_plan.h) for a list of num_indices keep entries and tail_len tail
   // positions, computed on the host (csrc/cpu/decode_split_plan.cpp).

@@ -30,7 +30,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& q_
   const kernels::AttentionScoresPlan plan = kernels::plan_attention_scores(shape, cuda::sm_count(q));
   // Scratch from the caching allocator on the current stream: no cudaMalloc, no host
   // sync (graph-capturable). Every byte the kernels read they write first.
-  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, q.options().dtype(at::kByte));
+  at::Tensor workspace = cuda::empty({static_cast<int64_t>(plan.workspace_bytes)}, q.options().dtype(at::kByte));
 
   kernels::AttentionScoresArgs<Element> args{};
   args.q = reinterpret_cast<const Element*>(q.const_data_ptr());
@@ -74,12 +74,12 @@ at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k_cache,
               " is too large for the CUDA kernel");
   if (value_checks_enabled(q)) check_q_pos_values(kOp, q_pos, dims.capacity);
 
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cuda::DeviceGuard device_guard(q.device());
   const auto out_options = k_cache.options().dtype(at::kFloat);
   if (dims.batch * dims.kv_heads * dims.capacity == 0 || dims.q_len * dims.group == 0) {
     return at::zeros({dims.batch, dims.kv_heads, dims.capacity}, out_options);  // no query: all 0
   }
-  at::Tensor out = at::empty({dims.batch, dims.kv_heads, dims.capacity}, out_options);
+  at::Tensor out = cuda::empty({dims.batch, dims.kv_heads, dims.capacity}, out_options);
   const at::Tensor q_rows = cuda::with_aligned_rows(q);
   const at::Tensor k_rows = cuda::with_aligned_rows(k_cache);
   const float scale_f = static_cast<float>(scale);
@@ -94,4 +94,4 @@ at::Tensor attention_scores_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 }  // namespace
 }  // namespace std_ext
 
-TORCH_LIBRARY_IMPL(std, CUDA, m) { m.impl("attention_scores", &std_ext::attention_scores_cuda); }
+STD_EXT_CUDA_LIBRARY_IMPL(m) { m.impl("attention_scores", &std_ext::attention_scores_cuda); }

@@ -54,7 +54,7 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   // List entries are int32 in the kernel: keep set (rounded up to a tile) + tail + a tile.
   check_int_range(op, "indices.size(2) + the cache capacity",
                   num_indices + kernels::kDecodeTileKeys + dims.capacity + kernels::kDecodeTileKeys);
-  at::Tensor out = at::empty({dims.batch, dims.q_len, dims.q_heads, dims.head_dim}, q.options());
+  at::Tensor out = cuda::empty({dims.batch, dims.q_len, dims.q_heads, dims.head_dim}, q.options());
   if (out.numel() == 0) return out;
   const at::Tensor k = with_aligned_rows(k_cache);
   const at::Tensor v = with_aligned_rows(v_cache);
@@ -126,8 +126,8 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
     at::Tensor partial_out, partial_lse;
     const int64_t partial_rows = kernels::decode_partial_rows(p);
     if (partial_rows > 0) {
-      partial_out = at::empty({partial_rows, dims.head_dim}, q.options().dtype(at::kFloat));
-      partial_lse = at::empty({partial_rows}, q.options().dtype(at::kFloat));
+      partial_out = cuda::empty({partial_rows, dims.head_dim}, q.options().dtype(at::kFloat));
+      partial_lse = cuda::empty({partial_rows}, q.options().dtype(at::kFloat));
       p.partial_out = partial_out.mutable_data_ptr<float>();
       p.partial_lse = partial_lse.mutable_data_ptr<float>();
     }

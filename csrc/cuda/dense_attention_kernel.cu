@@ -14,11 +14,11 @@ at::Tensor dense_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   cuda::check_half_dtype(op, q);
   cuda::check_head_dim(op, dims.head_dim);
   if (value_checks_enabled(q)) check_kv_len_values(op, kv_len, dims.q_len, dims.capacity);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   return cuda::run_decode_attention<false>(op, q, k_cache, v_cache, kv_len, nullptr, nullptr, scale, dims);
 }
 
 }  // namespace
 }  // namespace std_ext
 
-TORCH_LIBRARY_IMPL(std, CUDA, m) { m.impl("dense_attention", &std_ext::dense_attention_cuda); }
+STD_EXT_CUDA_LIBRARY_IMPL(m) { m.impl("dense_attention", &std_ext::dense_attention_cuda); }

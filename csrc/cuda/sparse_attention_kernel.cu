@@ -20,11 +20,11 @@ at::Tensor sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     check_tail_start_values(op, tail_start, kv_len);
     check_indices_values(op, indices, tail_start);
   }
-  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DeviceGuard guard(q.device());
   return cuda::run_decode_attention<true>(op, q, k_cache, v_cache, kv_len, &indices, &tail_start, scale, dims);
 }
 
 }  // namespace
 }  // namespace std_ext
 
-TORCH_LIBRARY_IMPL(std, CUDA, m) { m.impl("sparse_attention", &std_ext::sparse_attention_cuda); }
+STD_EXT_CUDA_LIBRARY_IMPL(m) { m.impl("sparse_attention", &std_ext::sparse_attention_cuda); }

@@ -21,8 +21,8 @@ at::Tensor topk_indices_cuda(const at::Tensor& scores, const at::Tensor& candida
   TORCH_CHECK(length <= std::numeric_limits<int32_t>::max(), "std::topk_indices: scores.size(2) = ", length,
               " is too long: positions are int32");
 
-  const c10::cuda::CUDAGuard device_guard(scores.device());
-  at::Tensor out = at::empty({batch, heads, k}, scores.options().dtype(at::kInt));
+  const cuda::DeviceGuard device_guard(scores.device());
+  at::Tensor out = cuda::empty({batch, heads, k}, scores.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   const at::Tensor mask = candidates.contiguous();
 
@@ -31,7 +31,7 @@ at::Tensor topk_indices_cuda(const at::Tensor& scores, const at::Tensor& candida
   // host sync, so the op can be captured in a CUDA graph. The launcher clears it itself.
   at::Tensor workspace;
   if (plan.workspace_words > 0) {
-    workspace = at::empty({plan.workspace_words}, scores.options().dtype(at::kInt));
+    workspace = cuda::empty({plan.workspace_words}, scores.options().dtype(at::kInt));
   }
 
   kernels::TopkIndicesParams params{};
@@ -54,4 +54,4 @@ at::Tensor topk_indices_cuda(const at::Tensor& scores, const at::Tensor& candida
 }  // namespace
 }  // namespace std_ext
 
-TORCH_LIBRARY_IMPL(std, CUDA, m) { m.impl("topk_indices", &std_ext::topk_indices_cuda); }
+STD_EXT_CUDA_LIBRARY_IMPL(m) { m.impl("topk_indices", &std_ext::topk_indices_cuda); }
