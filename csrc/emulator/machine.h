@@ -190,7 +190,9 @@ struct Grid {
   bool dependent = false;      // launched with programmatic stream serialization (arch 90)
   std::atomic<bool> primary_done{true};
   Schedule schedule;
-  uint64_t sequence = 0;  // launch number: seeds the random schedule
+  // Seeds the random schedule with the kernel's name (not the launch count), so that a
+  // test run alone reproduces the interleavings it had inside the whole suite.
+  uint64_t salt = 0;
   uint64_t order_multiplier = 1, order_offset = 0;
   std::atomic<int64_t> next_block{0};
   std::mutex fault_mutex;
@@ -607,7 +609,7 @@ struct Worker {
     b.barrier_waiting = 0;
     b.runnable = 0;
     b.cursor = g.schedule.kind == ScheduleKind::kReverse ? b.threads - 1 : 0;
-    b.rng = splitmix64(g.schedule.seed ^ splitmix64(g.sequence * 0x10001 + static_cast<uint64_t>(linear)));
+    b.rng = splitmix64(g.schedule.seed ^ splitmix64(g.salt * 0x10001 + static_cast<uint64_t>(linear)));
     b.faulted = false;
     for (int t = 0; t < b.threads; ++t) {
       Fiber* f = b.fibers[t];
