@@ -1,79 +1,65 @@
-"""Tiny saved Qwen-VL checkpoints and video files for the ``std_ext generate`` tests, built offline.
+"""Tiny saved checkpoints with their real processors, and video files, for the ``std_ext
+generate`` tests, all built offline.
 
-Each checkpoint is what ``from_pretrained`` / ``AutoProcessor`` read from a real one, at
-toy size:
+Each checkpoint directory is what ``from_pretrained`` and ``AutoProcessor`` read from a
+real one, at toy size:
 
-* a fixed-seed random model of the family (the text decoder of ``tiny_models``: hidden
-  64, 2 layers, 4 query / 2 KV heads, vocab 256; a 1-2 block vision tower with 2x2-pixel
-  patches, 2 frames per temporal patch, 2x2 merge), saved with ``save_pretrained``;
-* a character-level tokenizer made with the ``tokenizers`` library, whose special tokens
-  sit at the ids the model uses (``<|vision_start|>`` 248, ``<|vision_end|>`` 249,
-  ``<|video_pad|>`` 250, ``<|image_pad|>`` 251, ``<|im_start|>`` 252, ``<|im_end|>`` 253
-  = eos, ``<|endoftext|>`` 255 = pad), with a Qwen-VL chat template;
-* the preprocessing parameters, in the layout of each family's era: Qwen2-VL one legacy
-  ``preprocessor_config.json``; Qwen2.5-VL ``preprocessor_config.json`` plus
-  ``video_preprocessor_config.json``; Qwen3-VL one nested ``processor_config.json``.
+* a fixed-seed random model of the family, saved with ``save_pretrained``: the Qwen-VL
+  models below (hidden 64, 2 layers, 4 query / 2 KV heads, vocab 256; a 1-2 block vision
+  tower with 2x2-pixel patches, 2 frames per temporal patch, 2x2 merge), LLaVA-OneVision
+  from ``tiny_models``, the other families from ``tiny_families``;
+* the family's own ``transformers`` processor class with its own image and video
+  processor classes at small sizes (frames resized to what the toy vision tower takes),
+  saved with ``save_pretrained``;
+* a character-level tokenizer made with the ``tokenizers`` library: ids 0..231 are one
+  character each, and the family's special tokens (placeholders, image / video start
+  and end, ``<|im_start|>`` 252, ``<|im_end|>`` 253 = eos, ``<|endoftext|>`` 255 = pad) sit at
+  the ids its model uses, with a chat template that writes the family's video placeholder.
 
-The random models' special-token logits are 0, far below the best text logit, so
-greedy decoding never stops early: every run generates ``max_new_tokens`` tokens.
-
-:func:`processor_outputs` runs transformers' own processor class of a family on the
-same text, with a stand-in video processor that returns given pixels: the text side
-(placeholders, timestamps, ``mm_token_type_ids``, ``second_per_grid_ts``) is then
-transformers' code even where its video processors cannot load (no torchvision).
+Ids from 232 up have a zero LM-head row in every model, far below the best text logit,
+so greedy decoding never stops early and every answer decodes to characters.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+import tiny_families as tf
 import tiny_models as tm
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
-VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
-                    "qwen3_vl": "Qwen3VLVideoProcessor"}
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video", "internvl", "glm4v")
 PATCH, TEMPORAL, MERGE = 2, 2, 2
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
-# Pixel bounds (size.shortest_edge / longest_edge): per frame for Qwen2-VL's video
-# processor, per video (frames x area) for Qwen3-VL's.
-SIZES = {
-    "qwen2_vl": {"shortest_edge": 16, "longest_edge": 1024},
-    "qwen2_5_vl": {"shortest_edge": 16, "longest_edge": 1024},
-    "qwen3_vl": {"shortest_edge": 64, "longest_edge": 4 * 1024},
-}
+# Pixel bounds (size.shortest_edge / longest_edge): per frame for Qwen2-VL's and GLM's video
+# processors, per video (frames x area) for Qwen3-VL's.
+QWEN2_SIZE = {"shortest_edge": 16, "longest_edge": 1024}
+QWEN3_SIZE = {"shortest_edge": 64, "longest_edge": 4 * 1024}
 
-# Text vocabulary: printable ASCII and newline, then CJK characters up to TEXT_VOCAB, so
-# every id decodes to exactly one distinct character.
+TEXT_VOCAB = tf.FAMILY_TEXT_VOCAB  # 232: ids below are characters, ids from here up special
+# printable ASCII and newline, then CJK characters: every id decodes to one distinct character
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
-CHARS += [chr(0x4E00 + i) for i in range(tm.TEXT_VOCAB - len(CHARS))]
-SPECIALS = {
-    "<|vision_start|>": tm.VISION_START_ID,
-    "<|vision_end|>": tm.VISION_END_ID,
-    "<|video_pad|>": tm.VIDEO_ID,
-    "<|image_pad|>": tm.IMAGE_ID,
-    "<|im_start|>": tm.BOS_ID,
-    "<|im_end|>": tm.EOS_ID,
-    "<|unused|>": 254,
-    "<|endoftext|>": tm.PAD_ID,
-}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHARS += [chr(0x4E00 + i) for i in range(TEXT_VOCAB - len(CHARS))]
+CHAT = {"<|im_start|>": tm.BOS_ID, "<|im_end|>": tm.EOS_ID, "<|endoftext|>": tm.PAD_ID}
+
+
+def chat_template(video: str) -> str:
+    """A chat template that writes ``video`` for a video part and the text of a text part."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'video' %}" + video + "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
 
 
 def text_ids(text: str) -> list[int]:
@@ -81,16 +67,20 @@ def text_ids(text: str) -> list[int]:
     return [CHARS.index(c) for c in text]
 
 
-def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """The character-level tokenizer (Qwen's input names: no token_type_ids)."""
-    vocab = {c: i for i, c in enumerate(CHARS)} | SPECIALS
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<|unused|>"))
+def tokenizer(specials: dict[str, int], template: str, extra: dict | None = None) -> transformers.PreTrainedTokenizerFast:
+    """The character-level tokenizer with ``specials`` (token -> id; ids >= 232) and every other
+    id from 232 up a reserved special token; ``extra`` names special tokens as attributes
+    (InternVL's processor reads ``tokenizer.context_image_token``, ...)."""
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    names = {i: token for token, i in {**CHAT, **specials}.items()}
+    vocab |= {names.get(i, f"<|reserved_{i}|>"): i for i in range(TEXT_VOCAB, tm.VOCAB_SIZE)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|reserved_254|>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()  # characters join without spaces
-    core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
+    core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in list(vocab)[TEXT_VOCAB:]])
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|unused|>",
-        chat_template=CHAT_TEMPLATE, model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|reserved_254|>",
+        chat_template=template, model_input_names=["input_ids", "attention_mask"], extra_special_tokens=extra or {},
     )
 
 
@@ -152,7 +142,7 @@ def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
                 param.fill_(1.0 if name == "weight" else 0.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * tm.INIT_STD)
-    model.get_output_embeddings().weight[tm.TEXT_VOCAB:] = 0.0  # specials never win: no early eos
+    model.get_output_embeddings().weight[TEXT_VOCAB:] = 0.0  # specials never win: no early eos
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample = tm.BOS_ID, tm.EOS_ID, tm.PAD_ID, False
     return model.eval()
@@ -161,43 +151,105 @@ def make_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def video_params(family: str) -> dict:
-    """The video processor's parameters as the checkpoint stores them."""
-    return {
-        "video_processor_type": VIDEO_PROCESSORS[family], "processor_class": PROCESSORS[family],
-        "size": SIZES[family], "patch_size": PATCH, "temporal_patch_size": TEMPORAL, "merge_size": MERGE,
-        "image_mean": MEAN, "image_std": STD, "resample": 3, "do_sample_frames": False,
-        "cap_pixels_per_frame": False,
-    }
+@dataclass(frozen=True)
+class Family:
+    """How one family's checkpoint is made: its model, and its processor around a tokenizer."""
+
+    model: Callable[[], transformers.PreTrainedModel]
+    processor: Callable[[], transformers.ProcessorMixin]
 
 
-def _image_params(family: str) -> dict:
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": PROCESSORS[family],
-        "size": SIZES["qwen2_vl"], "patch_size": PATCH, "temporal_patch_size": TEMPORAL, "merge_size": MERGE,
-        "image_mean": MEAN, "image_std": STD,
-    }
+_QWEN = {"<|vision_start|>": tm.VISION_START_ID, "<|vision_end|>": tm.VISION_END_ID, "<|video_pad|>": tm.VIDEO_ID,
+         "<|image_pad|>": tm.IMAGE_ID}
+_QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+_QWEN_PATCHING = dict(patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE, image_mean=MEAN, image_std=STD)
+_LLAVA = {"<image>": tm.IMAGE_ID, "<video>": tm.VIDEO_ID}
 
 
-def save_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
-    """Save ``family``'s tiny model, tokenizer and preprocessing parameters into ``path``."""
+def _qwen_processor(family: str) -> transformers.ProcessorMixin:
+    cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+           "qwen3_vl": transformers.Qwen3VLProcessor}[family]
+    video_cls, size = ((transformers.Qwen3VLVideoProcessor, QWEN3_SIZE) if family == "qwen3_vl"
+                       else (transformers.Qwen2VLVideoProcessor, QWEN2_SIZE))
+    return cls(image_processor=transformers.Qwen2VLImageProcessor(size=QWEN2_SIZE, **_QWEN_PATCHING),
+               video_processor=video_cls(size=size, do_sample_frames=False, **_QWEN_PATCHING),
+               tokenizer=tokenizer(_QWEN, chat_template(_QWEN_VIDEO)), chat_template=chat_template(_QWEN_VIDEO))
+
+
+def _llava_onevision_processor() -> transformers.ProcessorMixin:
+    side = {"height": tm.LLAVA_IMAGE, "width": tm.LLAVA_IMAGE}
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessor(
+            size=side, image_grid_pinpoints=[[tm.LLAVA_IMAGE, tm.LLAVA_IMAGE]]),
+        video_processor=transformers.LlavaOnevisionVideoProcessor(size=side, do_sample_frames=False),
+        tokenizer=tokenizer(_LLAVA, chat_template("<video>")), chat_template=chat_template("<video>"),
+        num_image_tokens=(tm.LLAVA_IMAGE // tm.LLAVA_PATCH) ** 2, vision_feature_select_strategy="full",
+    )
+
+
+def _llava_next_video_processor() -> transformers.ProcessorMixin:
+    crop = {"height": tf.IMAGE_SIDE, "width": tf.IMAGE_SIDE}
+    return transformers.LlavaNextVideoProcessor(
+        image_processor=transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": tf.IMAGE_SIDE}, crop_size=crop, image_grid_pinpoints=[[tf.IMAGE_SIDE] * 2]),
+        video_processor=transformers.LlavaNextVideoVideoProcessor(
+            size={"shortest_edge": tf.IMAGE_SIDE}, crop_size=crop, do_sample_frames=False),
+        tokenizer=tokenizer(_LLAVA, chat_template("<video>")), chat_template=chat_template("<video>"),
+        patch_size=tf.VIT_PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+
+
+def _internvl_processor() -> transformers.ProcessorMixin:
+    specials = {"<IMG_CONTEXT>": tm.IMAGE_ID, "<img>": tm.VISION_START_ID, "</img>": tm.VISION_END_ID,
+                "<video>": tm.VIDEO_ID}
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    side = {"height": tf.IMAGE_SIDE, "width": tf.IMAGE_SIDE}
+    return transformers.InternVLProcessor(
+        image_processor=transformers.GotOcr2ImageProcessor(size=side, crop_to_patches=False),
+        video_processor=transformers.InternVLVideoProcessor(size=side, do_sample_frames=False),
+        tokenizer=tokenizer(specials, chat_template("<video>"), named), chat_template=chat_template("<video>"),
+        image_seq_length=tf._INTERNVL_TOKENS,
+    )
+
+
+def _glm4v_processor() -> transformers.ProcessorMixin:
+    specials = {"<|image|>": tm.IMAGE_ID, "<|video|>": tm.VIDEO_ID, "<|begin_of_image|>": tm.VISION_START_ID,
+                "<|end_of_image|>": tm.VISION_END_ID, "<|begin_of_video|>": tf.FAMILY_TOKENS["video_start"],
+                "<|end_of_video|>": tf.FAMILY_TOKENS["video_end"]}
+    video = chat_template("<|begin_of_video|><|video|><|end_of_video|>")
+    patching = dict(patch_size=PATCH, temporal_patch_size=TEMPORAL, merge_size=MERGE, size=QWEN3_SIZE)
+    return transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessor(**patching),
+        video_processor=transformers.Glm4vVideoProcessor(**patching, max_image_size={"longest_edge": 4096},
+                                                         do_sample_frames=False),
+        tokenizer=tokenizer(specials, video), chat_template=video,
+    )
+
+
+FAMILY = {
+    "qwen2_vl": Family(lambda: make_model("qwen2_vl"), lambda: _qwen_processor("qwen2_vl")),
+    "qwen2_5_vl": Family(lambda: make_model("qwen2_5_vl"), lambda: _qwen_processor("qwen2_5_vl")),
+    "qwen3_vl": Family(lambda: make_model("qwen3_vl"), lambda: _qwen_processor("qwen3_vl")),
+    "llava_onevision": Family(lambda: _silenced(tm.make_model("llava_onevision")), _llava_onevision_processor),
+    "llava_next_video": Family(lambda: tf.make_family_model("llava_next_video"), _llava_next_video_processor),
+    "internvl": Family(lambda: tf.make_family_model("internvl"), _internvl_processor),
+    "glm4v": Family(lambda: tf.make_family_model("glm4v"), _glm4v_processor),
+}
+
+
+@torch.no_grad()
+def _silenced(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """Ids from 232 up never win (tiny_models silences only its own specials, 248 up)."""
+    model.get_output_embeddings().weight[TEXT_VOCAB:] = 0.0
+    return model
+
+
+def save_checkpoint(family: str, path: Path) -> Path:
+    """Save ``family``'s tiny model and its processor (tokenizer included) into ``path``."""
     path.mkdir(parents=True, exist_ok=True)
-    make_model(family, seed).save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    if family == "qwen2_vl":
-        # the legacy layout: one file for images and videos, the video processor inferred
-        # from image_processor_type
-        legacy = {**_image_params(family), "min_pixels": SIZES[family]["shortest_edge"],
-                  "max_pixels": SIZES[family]["longest_edge"]}
-        legacy.pop("size")
-        (path / "preprocessor_config.json").write_text(json.dumps(legacy))
-    elif family == "qwen2_5_vl":
-        (path / "preprocessor_config.json").write_text(json.dumps(_image_params(family)))
-        (path / "video_preprocessor_config.json").write_text(json.dumps(video_params(family)))
-    else:
-        nested = {"processor_class": PROCESSORS[family], "image_processor": _image_params(family),
-                  "video_processor": video_params(family)}
-        (path / "processor_config.json").write_text(json.dumps(nested))
+    FAMILY[family].model().save_pretrained(path)
+    FAMILY[family].processor().save_pretrained(path)
     return path
 
 
@@ -231,40 +283,3 @@ def smooth_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndar
     channel = np.arange(3)[None, None, None, :]
     base = 128 + 90 * np.sin(0.3 * x + 0.2 * y + 0.5 * t + 2.0 * channel)
     return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- transformers' processors
-
-
-def processor_outputs(family: str, tok, text: str, frames: np.ndarray, metadata: dict,
-                      pixel_values: torch.Tensor, grid: list[int]) -> dict:
-    """transformers' own processor of ``family`` on ``text`` and one video, pixels given.
-
-    The processor class is built with its real ``__init__`` (placeholder tokens from the
-    tokenizer), except that ``ProcessorMixin``'s class checks are skipped: without
-    torchvision no video processor class can be built, so a stand-in returns
-    ``pixel_values`` / ``grid`` and the metadata, as a video processor does.
-    """
-    cls = getattr(transformers, PROCESSORS[family])
-
-    class StandInVideoProcessor:
-        temporal_patch_size, merge_size = TEMPORAL, MERGE
-
-        def __call__(self, videos, **kwargs):
-            from transformers.feature_extraction_utils import BatchFeature
-            from transformers.video_utils import make_batched_metadata, make_batched_videos
-
-            out = BatchFeature({"pixel_values_videos": pixel_values, "video_grid_thw": torch.tensor([grid])})
-            if kwargs.get("return_metadata"):
-                out["video_metadata"] = make_batched_metadata(make_batched_videos(videos), kwargs["video_metadata"])
-            return out
-
-    def bare_init(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
-        self.image_processor, self.tokenizer, self.video_processor = image_processor, tokenizer, video_processor
-        self.chat_template = chat_template
-
-    with mock.patch.object(transformers.ProcessorMixin, "__init__", bare_init):
-        processor = cls(image_processor=None, tokenizer=tok, video_processor=StandInVideoProcessor())
-    batch = processor(text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
-                      return_tensors="pt")
-    return dict(batch)

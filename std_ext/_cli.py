@@ -3,39 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import textwrap
 from collections.abc import Callable
 
 import torch
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= low``, else a message argparse prints with the option's name."""
+def int_at_least(low: int, auto: bool = False) -> Callable[[str], int | str]:
+    """An argparse ``type``: an integer ``>= low`` (or, with ``auto``, the word ``auto``: chosen by
+    std_ext.generate), else a message argparse prints with the option's name."""
+    alternative = " or 'auto'" if auto else ""
 
-    def parse(value: str) -> int:
+    def parse(value: str) -> int | str:
+        if auto and value == "auto":
+            return value
         try:
             number = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer{alternative}, got {value!r}") from None
         if number < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {number}")
+            raise argparse.ArgumentTypeError(f"must be >= {low}{alternative}, got {number}")
         return number
 
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in some messages
+    parse.__name__ = f"integer >= {low}{alternative}"  # argparse names the type in some messages
     return parse
 
 
-def gamma_choice(value: str) -> int | str:
-    """An argparse ``type`` for ``--gamma``: an integer >= 1, or ``auto`` (γ chosen per round)."""
-    if value == "auto":
-        return value
-    try:
-        return int_at_least(1)(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}") from None
+# --gamma: drafts per round; --budget: kept positions per KV head
+gamma_choice, budget_choice = int_at_least(1, auto=True), int_at_least(0, auto=True)
 
 
-gamma_choice.__name__ = "integer >= 1 or 'auto'"
+def speed_sentence(std_rate: float, vanilla_rate: float) -> str:
+    """Which mode decoded faster, in words, and by how much (rates in tokens per second)."""
+    rates = f"{std_rate:.1f} vs {vanilla_rate:.1f} tokens/s"
+    ratio = std_rate / vanilla_rate
+    if f"{ratio:.2f}" == "1.00":
+        return f"StD and vanilla decoded equally fast ({rates})"
+    if ratio > 1:
+        return f"StD decoded {ratio:.2f}\u00d7 faster than vanilla ({rates})"
+    return f"StD was {1 / ratio:.2f}\u00d7 slower than vanilla ({rates})"
+
+
+def plain(text: str) -> str:
+    """Docstring markup as a terminal shows it: ``code`` and :role:`target` become plain words."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("`", "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` in plain words that fit the terminal: markup dropped, each paragraph of a
+    description re-wrapped to the width (indented lines, such as usage examples, kept as written)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs: list[tuple[str, list[str]]] = []  # (indent, words of its lines); ("", []) = a blank line
+        for line in plain(text).splitlines():
+            margin = line[:len(line) - len(line.lstrip())]
+            bullet = line.lstrip().startswith(("* ", "- "))
+            if not line.strip():
+                paragraphs.append(("", []))
+            elif paragraphs and paragraphs[-1][1] and not bullet and (
+                    paragraphs[-1][0] == margin or  # a bullet's continuation lines are indented under its text
+                    paragraphs[-1][1][0].startswith(("* ", "- ")) and len(margin) > len(paragraphs[-1][0])):
+                paragraphs[-1][1].append(line.strip())
+            else:
+                paragraphs.append((margin, [line.strip()]))
+        blocks = []
+        for margin, lines in paragraphs:
+            if not lines:
+                blocks.append("")
+                continue
+            hanging = "  " if lines[0].startswith(("* ", "- ")) else ""
+            blocks.append(textwrap.fill(" ".join(lines), width, initial_indent=indent + margin,
+                                        subsequent_indent=indent + margin + hanging, break_on_hyphens=False))
+        return "\n".join(blocks)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(plain(text), width)
 
 
 class CliError(Exception):

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 from . import smollm2
-from ._cli import CliError, default_dtype, int_at_least, resolve_device
+from ._cli import CliError, HelpFormatter, budget_choice, default_dtype, gamma_choice, int_at_least, resolve_device
+from ._cli import speed_sentence
 from .generate import GenerationStats
+from .selection import POLICIES
 
 # ---------------------------------------------------------------------------- defaults
 
@@ -50,11 +52,14 @@ DEFAULT_MAX_DOCUMENT_TOKENS = 4096
 
 @dataclass(frozen=True)
 class Settings:
-    """Decoding settings of one demo run (defaults below; ``--gamma`` etc. override them)."""
+    """Decoding settings of one demo run (defaults below; ``--gamma`` etc. override them).
 
-    gamma: int
-    budget: int
+    ``gamma`` and ``budget`` take ``"auto"`` as :func:`std_ext.generate` does."""
+
+    gamma: int | str
+    budget: int | str
     max_new_tokens: int
+    selection: str = "question"
 
 
 TEXT_DEFAULTS = Settings(gamma=6, budget=512, max_new_tokens=48)
@@ -259,9 +264,10 @@ def video_inputs(frames: int = DEFAULT_FRAMES, seed: int = VIDEO_SEED) -> dict[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the description's layout
+    parser.formatter_class = HelpFormatter
     parser.add_argument("--video", action="store_true",
-                        help="run the small random-weight Qwen2-VL-shaped model on a synthetic video instead")
+                        help="run the small random-weight Qwen2-VL-shaped model on a synthetic video instead "
+                             "(default: the text demo)")
     parser.add_argument("--question", help=f"the question about the document (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--document", type=_text_file, metavar="PATH",
                         help=f"a UTF-8 text file to ask about (default: {DEFAULT_DOCUMENT})")
@@ -274,17 +280,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int_at_least(1), metavar="N",
                         help=f"tokens to generate (default: {TEXT_DEFAULTS.max_new_tokens}; "
                              f"--video: {VIDEO_DEFAULTS.max_new_tokens})")
-    parser.add_argument("--gamma", type=int_at_least(1), metavar="G",
-                        help=f"StD draft tokens per round (default: {TEXT_DEFAULTS.gamma}; "
+    parser.add_argument("--gamma", type=gamma_choice, metavar="G",
+                        help=f"StD draft tokens per round, or 'auto' to choose each round's from measured step "
+                             f"times and draft agreement (default: {TEXT_DEFAULTS.gamma}; "
                              f"--video: {VIDEO_DEFAULTS.gamma})")
-    parser.add_argument("--budget", type=int_at_least(0), metavar="K",
+    parser.add_argument("--budget", type=budget_choice, metavar="K",
                         help=f"prompt positions each KV head keeps while drafting, the prompt's non-pool tokens "
-                             f"included (default: {TEXT_DEFAULTS.budget}; --video: {VIDEO_DEFAULTS.budget})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when a GPU is present and std_ext has CUDA kernels, else cpu "
-                             "(default: %(default)s)")
+                             f"included, or 'auto' for the largest keep set the cost model says pays "
+                             f"(default: {TEXT_DEFAULTS.budget}; --video: {VIDEO_DEFAULTS.budget})")
+    parser.add_argument("--selection", choices=sorted(POLICIES), default="question", metavar="POLICY",
+                        help=f"how the keep set is chosen: {', '.join(sorted(POLICIES))} (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", metavar="DEVICE",
+                        help="auto, cpu or cuda; auto: cuda when a GPU is present and std_ext has CUDA kernels, "
+                             "else cpu (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars for prefill and decoding")
+                        help="no progress bars for prefill and decoding (default: shown)")
 
 
 def _even_frames(value: str) -> int:
@@ -309,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
         gamma=args.gamma or defaults.gamma,
         budget=defaults.budget if args.budget is None else args.budget,
         max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
+        selection=args.selection,
     )
     try:
         device = resolve_device(args.device)
@@ -409,6 +420,20 @@ def video_case(frames: int, device: torch.device) -> DemoCase:
     )
 
 
+def _settings_text(settings: Settings, std: GenerationStats) -> str:
+    """gamma, budget and selection as given, with what "auto" chose."""
+    if settings.gamma == "auto":
+        gamma = f"gamma auto (0 to {std.gamma} drafts, chosen per round: {' '.join(map(str, std.gammas))})"
+    else:
+        gamma = f"gamma {settings.gamma} drafts per round"
+    kept = f"mean kept: {std.keep_size:.0f}"
+    if settings.budget == "auto":
+        budget = f"budget auto ({kept} prompt positions per KV head, chosen by the cost model)"
+    else:
+        budget = f"budget {settings.budget} prompt positions kept per KV head ({kept})"
+    return f"{gamma}, {budget}, selection {settings.selection}"
+
+
 def _indent(text: str, width: int = 10) -> str:
     """Continuation lines indented by ``width``, under a first line that follows a label."""
     return text.replace("\n", "\n" + " " * width)
@@ -420,9 +445,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------------- run and report
 
-CPU_NOTE = """(on a CPU, a small model's decoding step costs about as much with sparse attention as with dense:
-reading the weights and per-step overhead dominate it, so drafting saves little; StD pays off
-where attention over a long KV cache dominates a step: long videos, large batches, GPUs)"""
+CPU_NOTE = """on a CPU, a small model's decoding step costs about as much with sparse attention as with dense
+(reading the weights and per-step overhead dominate it), so drafting saves little; StD pays off
+where attention over a long KV cache dominates a step: long videos, large batches, GPUs"""
 
 
 @dataclass
@@ -454,8 +479,8 @@ def compare(case: DemoCase, settings: Settings, progress: bool = True) -> Compar
                   flush=True)
         out = std_ext.generate(
             case.model, case.input_ids, candidate_mask=case.candidate_mask, mode=mode, gamma=settings.gamma,
-            budget=settings.budget, max_new_tokens=settings.max_new_tokens, eos_token_id=case.eos_token_id,
-            progress=progress, **case.model_inputs,
+            budget=settings.budget, selection=settings.selection, max_new_tokens=settings.max_new_tokens,
+            eos_token_id=case.eos_token_id, progress=progress, **case.model_inputs,
         )
         tokens[mode] = out.sequences[0, width:].tolist()
         stats[mode] = out.stats
@@ -474,17 +499,17 @@ def report(case: DemoCase, comparison: Comparison) -> str:
     same = "yes" if comparison.identical else ("NO (expected only where the two best logits nearly tie, "
                                                "from floating-point rounding; otherwise a bug: please report it)")
     lines.append(f"Identical outputs (vanilla vs StD, {len(comparison.tokens['vanilla'])} new tokens): {same}")
-    lines.append(f"StD settings:  gamma {settings.gamma} drafts per round, budget {settings.budget} prompt positions "
-                 f"kept per KV head (mean kept: {std.keep_size:.0f})")
-    lines.append(f"Acceptance:    {std.mean_accepted:.2f} of {settings.gamma} drafts per round "
-                 f"({std.mean_accepted / settings.gamma:.0%}), {std.rounds} rounds")
+    lines.append(f"StD settings:  {_settings_text(settings, std)}")
+    lines.append(f"Acceptance:    {std.mean_accepted:.2f} of {std.gamma} drafts per round "
+                 f"({std.mean_accepted / std.gamma:.0%}), {std.rounds} rounds")
     lines.append(f"Prefill:       vanilla {vanilla.prefill_s:.2f} s, StD {std.prefill_s:.2f} s "
                  f"(+ {std.selection_s:.2f} s selecting the kept positions)")
     lines.append(f"Decoding:      vanilla {comparison.decode_speed('vanilla'):.1f} tokens/s "
                  f"({vanilla.decode_s:.2f} s), StD {comparison.decode_speed('std'):.1f} tokens/s "
                  f"({std.decode_s:.2f} s: draft {std.draft_s:.2f} s + verify {std.verify_s:.2f} s)")
-    speedup = comparison.decode_speed("std") / max(comparison.decode_speed("vanilla"), 1e-9)
-    lines.append(f"Speedup:       {speedup:.2f}x decoding with StD")
-    if case.input_ids.device.type == "cpu" and speedup < 1.0:
-        lines.append(" " * 15 + _indent(CPU_NOTE, 15))
+    std_rate, vanilla_rate = comparison.decode_speed("std"), max(comparison.decode_speed("vanilla"), 1e-9)
+    speed = speed_sentence(std_rate, vanilla_rate)
+    if case.input_ids.device.type == "cpu" and std_rate < vanilla_rate:
+        speed += ": " + CPU_NOTE
+    lines.append(f"Speed:         {_indent(speed, 15)}")
     return "\n".join(lines)
