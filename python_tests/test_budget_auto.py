@@ -8,6 +8,7 @@ The hand computations solve the rule of the module docstring in closed form:
 import math
 
 import pytest
+import torch
 from test_generate import assert_same_tokens, candidate_mask_of, hf_generate, new_tokens, run
 from tiny_models import make_inputs, make_model
 
@@ -97,17 +98,27 @@ def test_bad_budget_is_named(bad):
         std_ext.generate(model, **inputs, max_new_tokens=4, budget=bad)
 
 
-def expected_choice(model, inputs, candidates, policy: str, gamma: int, max_new: int) -> list[int]:
-    """The budget std_ext.generate must choose, computed by hand from the rule's closed form."""
+def expected_choice(model, inputs, candidates, policy: str, gamma: int, max_new: int,
+                    draft_weights: str | None = None) -> list[int]:
+    """The budget std_ext.generate must choose, computed by hand from the rule's closed form.
+
+    With ``draft_weights``, a draft step reads the decoder's and the LM head's linear weights
+    at that precision: int8 one byte per weight plus a bfloat16 scale per output row."""
     adapter = ModelAdapter.for_model(model)
     decoder = adapter.decoder
     weights = sum(p.numel() * p.element_size() for p in decoder.layers.parameters())
     weights += sum(p.numel() * p.element_size() for p in decoder.norm.parameters())
     weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()  # not tied in the tiny models
+    draft_weight_bytes = weights
+    if draft_weights is not None:
+        assert draft_weights == "int8"
+        linears = [m for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+        draft_weight_bytes -= sum(m.weight.numel() * 4 for m in linears)  # float32 weights out
+        draft_weight_bytes += sum(m.weight.numel() + 2 * m.weight.shape[0] for m in linears)  # int8 + scales in
     position = 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * 4  # float32
     prompt = inputs["attention_mask"].sum(1).tolist()
     tail = max_new / 2
-    draft = weights + len(prompt) * tail * position
+    draft = draft_weight_bytes + len(prompt) * tail * position
     verify = weights + sum(p + tail for p in prompt) * position
     share = closed_form(draft, verify, gamma, budget.DEFAULT_TOLERANCE) / len(prompt) / position
     reads = make_policy(policy).draft_reads
@@ -140,6 +151,24 @@ def test_auto_budget_is_lossless_and_reported(policy):
     assert all(always[b] < chosen[b] < always[b] + n_candidates[b] for b in range(2)), chosen  # some, not all
     assert out.stats.keep_size == pytest.approx(sum(chosen) / 2)
     assert out.stats.budget == "auto"
+
+
+def test_a_quantized_draft_is_priced_at_its_own_weight_bytes():
+    """budget="auto" with draft_weights: the draft step's weights at their precision (the
+    keep set is then a larger share of a cheaper step: it keeps fewer), still lossless."""
+    kind = "qwen2"
+    model = model_of(kind)
+    inputs = make_inputs(model, kind, [300, 260], seed=3)
+    candidates = candidate_mask_of(kind, inputs)
+    kwargs = dict(candidate_mask=candidates, gamma=4, budget="auto", max_new_tokens=12, eos_token_id=-1)
+    own = std_ext.generate(model, **inputs, **kwargs)
+    int8 = std_ext.generate(model, **inputs, draft_weights="int8", **kwargs)
+    assert int8.stats.budget_chosen == expected_choice(model, inputs, candidates, "question", 4, 12, "int8")
+    assert int8.stats.budget_chosen != own.stats.budget_chosen
+    assert int8.sequences.tolist() == own.sequences.tolist()
+    cost = budget.DraftCost(weight_bytes=1_000_000, position_bytes=1000, draft_weight_bytes=250_000)
+    assert cost.draft_weights_read == 250_000
+    assert budget.DraftCost(weight_bytes=1_000_000, position_bytes=1000).draft_weights_read == 1_000_000
 
 
 def test_integer_budget_is_reported_too():

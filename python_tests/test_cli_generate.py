@@ -184,6 +184,14 @@ def test_auto_budget_auto_gamma_and_selection(checkpoint, video, models, capsys)
     assert _answer(out) == _text_of(transformers_answer(models("qwen2_vl"), processor_inputs(checkpoint, video, 32)))
 
 
+def test_draft_weights(checkpoint, video, models, capsys):
+    """--draft-weights int8 reaches std_ext.generate; the answer is still the dense one."""
+    code, out, err = _run(_argv(checkpoint, video, "--draft-weights", "int8"), capsys)
+    assert code == 0, err
+    assert "selection=question, draft weights=int8" in out
+    assert _answer(out) == _text_of(transformers_answer(models("qwen2_vl"), processor_inputs(checkpoint, video, 32)))
+
+
 def test_progress_bars_do_not_change_the_answer(checkpoint, video, monkeypatch, capsys):
     """With progress bars on (the default) the answer is the one without them.
 
@@ -331,7 +339,7 @@ def test_bad_input_exit_2(case, argument, words, checkpoints, video, tmp_path, c
 @pytest.mark.parametrize("option, value", [("--gamma", "0"), ("--gamma", "fast"), ("--max-new-tokens", "-1"),
                                            ("--budget", "x"), ("--budget", "-1"), ("--selection", "best"),
                                            ("--num-frames", "-2"), ("--device", "tpu"), ("--fps", "0"),
-                                           ("--fps", "fast")])
+                                           ("--fps", "fast"), ("--draft-weights", "int3")])
 def test_bad_option_values_are_argparse_errors(option, value, capsys):
     parser = argparse.ArgumentParser()
     cli_generate.add_arguments(parser)

@@ -69,6 +69,7 @@ def hf_greedy(model, input_ids, max_new_tokens, **kwargs) -> list[int]:
     (["--frames", "3"], "--frames", "multiple of 2"),
     (["--document", "/nonexistent/document.txt"], "--document", "no such file"),
     (["--device", "tpu"], "--device", "invalid choice"),
+    (["--draft-weights", "int3"], "--draft-weights", "invalid choice"),
 ])
 def test_bad_arguments_are_argparse_errors(capsys, argv, option, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -175,6 +176,26 @@ def test_video_demo_matches_transformers_generate(capsys):
                        mm_token_type_ids=torch.where(sequence == demo.VIDEO_PAD_ID, 2, 0)).logits
     top2 = logits[0, input_ids.shape[1] - 1:].topk(2).values
     assert float((top2[:, 0] - top2[:, 1]).min()) > 0.1
+
+
+def test_draft_weights_reach_the_draft_and_keep_the_answer(capsys, monkeypatch):
+    """--draft-weights int4: the draft runs the quantized copy, the answer is vanilla's."""
+    seen = []
+    generate = std_ext.generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        seen.append((kwargs["mode"], out.stats.draft_weights))
+        return out
+
+    monkeypatch.setattr(std_ext, "generate", spy)
+    assert demo.run(parse(["--video", "--frames", "4", "--max-new-tokens", "8", "--no-progress",
+                           "--draft-weights", "int4"])) == 0
+    output = capsys.readouterr().out
+    assert field(output, "Identical outputs (vanilla vs StD, 8 new tokens)") == "yes"
+    assert "draft weights int4" in output
+    assert seen == [("vanilla", None), ("std", "int4")]
+    assert parse([]).draft_weights == "model"
 
 
 def test_video_demo_reports_a_difference(capsys, monkeypatch):

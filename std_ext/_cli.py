@@ -35,6 +35,22 @@ def int_at_least(low: int, auto: bool = False) -> Callable[[str], int | str]:
 gamma_choice, budget_choice = int_at_least(1, auto=True), int_at_least(0, auto=True)
 
 
+def add_draft_weights_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--draft-weights``: the precision of the draft's copy of the weights (std_ext.generate's draft_weights)."""
+    from .draft_weights import PRECISIONS
+
+    parser.add_argument("--draft-weights", choices=("model", *PRECISIONS), default=default or "model",
+                        metavar="PRECISION",
+                        help=f"weights the draft steps run: 'model' (the model's own) or a weight-only copy in "
+                             f"{', '.join(PRECISIONS)}; the verify always runs the model's own weights, so the "
+                             "output is the same (default: %(default)s)")
+
+
+def draft_weights_of(args: argparse.Namespace) -> str | None:
+    """``std_ext.generate``'s ``draft_weights`` for ``--draft-weights`` (``'model'`` -> None)."""
+    return None if args.draft_weights == "model" else args.draft_weights
+
+
 def speed_sentence(std_rate: float, vanilla_rate: float) -> str:
     """Which mode decoded faster, in words, and by how much (rates in tokens per second)."""
     rates = f"{std_rate:.1f} vs {vanilla_rate:.1f} tokens/s"

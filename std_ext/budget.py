@@ -8,7 +8,8 @@ of a 7B model at batch 1 are 0.4% of a draft step, 16K would be 6%.
 
 The rule
 --------
-With ``D`` the bytes of a draft step without its keep set (weights + the batch's tails),
+With ``D`` the bytes of a draft step without its keep set (weights, at the draft's precision
+under ``draft_weights``, + the batch's tails),
 ``V`` those of a verify pass (weights + every position's K/V; a vanilla step reads the
 same) and ``X`` the batch's keep-set bytes, :func:`std_ext.gamma.round_speedup` prices a
 round of γ drafts at ``γ·(D + X) + V``. ``budget="auto"`` takes the largest ``X`` that
@@ -49,12 +50,21 @@ PRIOR_AGREEMENT = 0.9  # the agreement γ is chosen for under gamma="auto" (Gamm
 class DraftCost:
     """Bytes a decode step reads, by source.
 
-    weight_bytes : the text decoder's weights read by every forward (once per batch)
+    weight_bytes : the text decoder's weights read by every dense forward (verify, vanilla), once per batch
     position_bytes : K/V bytes of one cached position of one sequence, over all layers and KV heads
+    draft_weight_bytes : the weights a draft step reads, when the draft runs a quantized copy of the
+        linear layers (``generate(draft_weights=...)``: their packed weights and scales, plus the
+        parameters kept at the model's precision); None: the draft reads ``weight_bytes``
     """
 
     weight_bytes: int
     position_bytes: int
+    draft_weight_bytes: int | None = None
+
+    @property
+    def draft_weights_read(self) -> int:
+        """Weight bytes one draft step reads."""
+        return self.weight_bytes if self.draft_weight_bytes is None else self.draft_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,13 @@ class AutoBudget:
     allowance: float
 
 
-def model_cost(adapter, dtype: torch.dtype) -> DraftCost:
+def model_cost(adapter, dtype: torch.dtype, draft_weights=None) -> DraftCost:
     """The :class:`DraftCost` of a model (:class:`~std_ext.models.ModelAdapter`) whose cache holds ``dtype``.
 
     Weights: the decoder layers, the final norm and the output projection, the parameters a
     draft step reads in full (a vision tower runs at prefill only; the input embedding reads
-    one row per token).
+    one row per token). With ``draft_weights`` (a :class:`~std_ext.draft_weights.DraftWeights`)
+    a draft step reads its quantized layers in place of the originals.
     """
     seen: set[int] = set()
     total = 0
@@ -93,7 +104,8 @@ def model_cost(adapter, dtype: torch.dtype) -> DraftCost:
                 seen.add(id(parameter))
                 total += parameter.numel() * parameter.element_size()
     element = torch.empty((), dtype=dtype).element_size()
-    return DraftCost(total, 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * element)
+    draft = None if draft_weights is None else total - draft_weights.original_bytes + draft_weights.weight_bytes
+    return DraftCost(total, 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * element, draft)
 
 
 def shape_cost(parameters: float, layers: int, kv_heads: int, head_dim: int, element_bytes: int) -> DraftCost:
@@ -159,7 +171,7 @@ def auto_budget(cost: DraftCost, *, prompt_len: Sequence[int], n_candidates: Seq
     reads = reads or (lambda k, candidates, gamma: float(k))
     batch = len(prompt_len)
     tail = max_new_tokens / 2.0  # the mean generated tail over the generation
-    draft = cost.weight_bytes + batch * tail * cost.position_bytes
+    draft = cost.draft_weights_read + batch * tail * cost.position_bytes
     verify = cost.weight_bytes + sum(p + tail for p in prompt_len) * cost.position_bytes
     if gamma is None:
         gamma, _ = best_gamma(PRIOR_AGREEMENT, draft, verify, verify, gamma_max)

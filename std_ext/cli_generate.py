@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._cli import (CliError, HelpFormatter, budget_choice, default_dtype, gamma_choice, int_at_least, resolve_device,
-                   speed_sentence)
+from ._cli import (CliError, HelpFormatter, add_draft_weights_option, budget_choice, default_dtype, draft_weights_of,
+                   gamma_choice, int_at_least, resolve_device, speed_sentence)
 from .frames import FrameLoadError, VideoFrames, is_video_file, load_frames
 from .generate import GenerationOutput, GenerationStats
 from .selection import POLICIES
@@ -97,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model says pays (default: %(default)s)")
     parser.add_argument("--selection", choices=sorted(POLICIES), default="question", metavar="POLICY",
                         help=f"how the keep set is chosen: {', '.join(sorted(POLICIES))} (default: %(default)s)")
+    add_draft_weights_option(parser)
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=128, metavar="N",
                         help="tokens to generate at most (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", metavar="DEVICE",
@@ -419,7 +420,7 @@ def _generate(model: torch.nn.Module, prompt: PromptInputs, args: argparse.Names
         return std_ext.generate(
             model, prompt.input_ids.to(device), mode=mode, gamma=args.gamma, budget=args.budget,
             max_new_tokens=args.max_new_tokens, selection=args.selection, progress=not args.no_progress,
-            do_sample=False, **inputs,
+            do_sample=False, draft_weights=draft_weights_of(args) if mode == "std" else None, **inputs,
         )
     except std_ext.UnsupportedModelError as error:
         raise _unsupported_message(model_dir, error) from None
@@ -464,7 +465,8 @@ def _format_frames(video: VideoFrames) -> str:
 
 def _format_run(stats: GenerationStats, prompt: PromptInputs, video: VideoFrames, args: argparse.Namespace) -> str:
     lines = [
-        f"Sparse-to-Dense decoding (gamma={args.gamma}, budget={args.budget}, selection={args.selection}):",
+        f"Sparse-to-Dense decoding (gamma={args.gamma}, budget={args.budget}, selection={args.selection}, "
+        f"draft weights={args.draft_weights}):",
         f"  model inputs     {prompt.source}",
         f"  frames           {_format_frames(video)}",
         f"  prompt tokens    {prompt.input_ids.shape[1]}",

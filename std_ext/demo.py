@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from . import smollm2
-from ._cli import CliError, HelpFormatter, budget_choice, default_dtype, gamma_choice, int_at_least, resolve_device
+from ._cli import (CliError, HelpFormatter, add_draft_weights_option, budget_choice, default_dtype, draft_weights_of,
+                   gamma_choice, int_at_least, resolve_device)
 from ._cli import speed_sentence
 from .generate import GenerationStats
 from .selection import POLICIES
@@ -60,6 +61,7 @@ class Settings:
     budget: int | str
     max_new_tokens: int
     selection: str = "question"
+    draft_weights: str | None = None
 
 
 TEXT_DEFAULTS = Settings(gamma=6, budget=512, max_new_tokens=48)
@@ -290,6 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {TEXT_DEFAULTS.budget}; --video: {VIDEO_DEFAULTS.budget})")
     parser.add_argument("--selection", choices=sorted(POLICIES), default="question", metavar="POLICY",
                         help=f"how the keep set is chosen: {', '.join(sorted(POLICIES))} (default: %(default)s)")
+    add_draft_weights_option(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", metavar="DEVICE",
                         help="auto, cpu or cuda; auto: cuda when a GPU is present and std_ext has CUDA kernels, "
                              "else cpu (default: %(default)s)")
@@ -320,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
         budget=defaults.budget if args.budget is None else args.budget,
         max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
         selection=args.selection,
+        draft_weights=draft_weights_of(args),
     )
     try:
         device = resolve_device(args.device)
@@ -431,7 +435,7 @@ def _settings_text(settings: Settings, std: GenerationStats) -> str:
         budget = f"budget auto ({kept} prompt positions per KV head, chosen by the cost model)"
     else:
         budget = f"budget {settings.budget} prompt positions kept per KV head ({kept})"
-    return f"{gamma}, {budget}, selection {settings.selection}"
+    return f"{gamma}, {budget}, selection {settings.selection}, draft weights {settings.draft_weights or 'model'}"
 
 
 def _indent(text: str, width: int = 10) -> str:
@@ -480,7 +484,8 @@ def compare(case: DemoCase, settings: Settings, progress: bool = True) -> Compar
         out = std_ext.generate(
             case.model, case.input_ids, candidate_mask=case.candidate_mask, mode=mode, gamma=settings.gamma,
             budget=settings.budget, selection=settings.selection, max_new_tokens=settings.max_new_tokens,
-            eos_token_id=case.eos_token_id, progress=progress, **case.model_inputs,
+            eos_token_id=case.eos_token_id, progress=progress,
+            draft_weights=settings.draft_weights if mode == "std" else None, **case.model_inputs,
         )
         tokens[mode] = out.sequences[0, width:].tolist()
         stats[mode] = out.stats

@@ -234,7 +234,8 @@ def generate(
                                                       prompt_len, window, mode == "std", model_inputs)
         if mode == "std":
             with timer.phase("selection"):
-                _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, stats=stats)
+                _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, stats=stats,
+                        draft_weights=draft)
             stats.keep_size = float((cache.keep.indices[0] >= 0).sum(-1).float().mean())
         seen = None if warp.repetition_penalty is None else _SeenTokens(input_ids, first_logits.shape[-1])
         decoder = _Decoder(adapter, cache, policy, warp, gamma, args.eos_ids, args.pad_id, max_new_tokens, rope_delta,
@@ -301,20 +302,22 @@ def _observation_rows(
 
 
 def _select(adapter, cache, policy, step, candidate_mask, prompt_len, budget, *, gamma: int | None = None,
-            max_new_tokens: int | None = None, stats: GenerationStats | None = None) -> _KeepPlan:
+            max_new_tokens: int | None = None, stats: GenerationStats | None = None,
+            draft_weights=None) -> _KeepPlan:
     """Keep sets of every layer (DESIGN.md §1), stored in ``cache.keep``; returns the plan
     (and records the budget chosen in ``stats``).
 
     ``gamma`` and ``max_new_tokens`` price ``budget="auto"``; by default they are read from
     the cache as :func:`generate` sizes it (``span`` = prompt width + max_new_tokens,
-    ``capacity`` = span + γ + 1, γ being ``gamma_max`` under ``gamma="auto"``).
+    ``capacity`` = span + γ + 1, γ being ``gamma_max`` under ``gamma="auto"``); ``draft_weights``
+    (the draft's quantized copy, or None) prices the draft step's weight reads.
     """
     auto = None
     if budget == "auto":
         width = candidate_mask.shape[1]
         gamma = cache.capacity - cache.span - 1 if gamma is None else gamma
         max_new_tokens = cache.span - width if max_new_tokens is None else max_new_tokens
-        cost = budget_model.model_cost(adapter, cache.keys.dtype)
+        cost = budget_model.model_cost(adapter, cache.keys.dtype, draft_weights)  # a quantized draft reads less
 
         def auto(n_candidates: list[int], n_always: list[int]) -> list[int]:
             return budget_model.auto_budget(cost, prompt_len=prompt_len.tolist(), n_candidates=n_candidates,
