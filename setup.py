@@ -52,7 +52,9 @@ def openmp_flags() -> list[str]:
 
 def extension():
     cxx_flags = ["-O3", "-DPy_LIMITED_API=0x030A0000"] + openmp_flags()
-    cpp_sources = sources("csrc/**/*.cpp")
+    # csrc/emulator/ is the CPU emulator of the CUDA kernels, built on its own by the tests
+    # (python_tests/emulated_cuda.py); it is not part of std_ext._C.
+    cpp_sources = [s for s in sources("csrc/**/*.cpp") if not s.startswith("csrc/emulator" + os.sep)]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = CPU_ARCH_LIST

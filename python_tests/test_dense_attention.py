@@ -41,6 +41,26 @@ def test_dense_matches_reference(device, gen, dtype, ctx, G, D, Qn):
     assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, scale))
 
 
+@pytest.mark.parametrize("Qn", [1, 10])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_dense_long_contexts_split_into_chunks(gen, dtype, Qn):
+    """Contexts past the CPU kernel's 1,024-position tasks (exactly one, one position over,
+    several, and one shorter than a chunk in the same batch): the merged chunk states against
+    the float64 reference, and the same bits on one thread as on several."""
+    kv_len = [1024, 1025, 2 * 1024 + 300, Qn + 20]
+    q, k, v, kv = dense_inputs(kv_len, max(kv_len) + 7, Qn, 3, 64, dtype, "cpu", gen)
+    scale = 1.3 * 64**-0.5
+    out = std_ext.ops.dense_attention(q, k, v, kv, scale=scale)
+    assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, scale))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = std_ext.ops.dense_attention(q, k, v, kv, scale=scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, alone)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_dense_contiguous_inputs(device, gen, dtype):
     q, k, v, kv = dense_inputs([20, 7], 24, 7, 4, 64, dtype, device, gen, strided=False)

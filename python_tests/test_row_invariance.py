@@ -36,6 +36,21 @@ def test_dense_rows_match_single_query_calls(gen, dtype, G, D):
         assert torch.equal(full[:, i : i + 1], one), f"row {i} differs"
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_dense_rows_match_across_the_cpu_chunk_boundaries(gen, dtype):
+    """The CPU kernel splits keys into tasks of 1,024 positions: verify rows whose single-query
+    calls end on either side of a chunk boundary (1,025 and 1,030 keys: rows from 1,016 to
+    1,030) and a multi-chunk context still equal those calls bit for bit."""
+    lens, G, D = [2100, 1030, 1025], 3, 64
+    q = make_q(len(lens), QN, HKV * G, D, dtype, "cpu", gen)
+    k = make_cache(len(lens), HKV, 2110, D, lens, dtype, "cpu", gen)
+    v = make_cache(len(lens), HKV, 2110, D, lens, dtype, "cpu", gen)
+    full = std_ext.ops.dense_attention(q, k, v, ints(lens, "cpu"))
+    for i in range(QN):
+        one = std_ext.ops.dense_attention(q[:, i : i + 1], k, v, ints([n - QN + 1 + i for n in lens], "cpu"))
+        assert torch.equal(full[:, i : i + 1], one), f"row {i} differs"
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", [1, 7])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -48,15 +48,17 @@ class AttendScratch {
   std::vector<float> q_, acc_, p_, kT_, v_, row_max_, row_sum_;
 };
 
-// The queries of one group attend to `positions` (ascending, each at most once).
-// Row r = i * group + j is query i, head j. Query i sits at position
-// first_query_pos + i and sees a listed position s when s < always_visible_below or
-// s <= its own position. A row that sees nothing gets zeros.
+// The queries of one group attend to `positions` (ascending, each at most once), and
+// the online-softmax state is left in `scratch`: per row r, row_max_[r], row_sum_[r] and
+// the unnormalized acc_[r * head_dim ..]. Row r = i * group + j is query i, head j. Query
+// i sits at position first_query_pos + i and sees a listed position s when
+// s < always_visible_below or s <= its own position. A row that sees nothing keeps
+// max -inf, sum 0 and acc 0.
 template <typename T>
-void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t group, const CacheHeadView<T>& k,
-                    const CacheHeadView<T>& v, const std::vector<int64_t>& positions, int64_t always_visible_below,
-                    int64_t first_query_pos, float scale, int64_t head_dim, const QueryGroupView<T>& out,
-                    AttendScratch& scratch) {
+void attend_kv_head_state(const QueryGroupView<const T>& q, int64_t q_len, int64_t group, const CacheHeadView<T>& k,
+                          const CacheHeadView<T>& v, const int64_t* positions, int64_t total,
+                          int64_t always_visible_below, int64_t first_query_pos, float scale, int64_t head_dim,
+                          AttendScratch& scratch) {
   const int64_t rows = q_len * group;
   scratch.resize(rows, head_dim);
   for (int64_t i = 0; i < q_len; ++i) {
@@ -67,10 +69,10 @@ void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t gro
     }
   }
 
-  const int64_t total = static_cast<int64_t>(positions.size());
   for (int64_t start = 0; start < total; start += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, total - start);
-    const int64_t* block = positions.data() + start;
+    const int64_t* block = positions + start;
+    // Every K/V row of the block is converted once and serves all Qn x G query rows.
     load_keys_transposed(k.base, k.row_stride, block, n, head_dim, scratch.kT_.data());
     load_values(v.base, v.row_stride, block, n, head_dim, scratch.v_.data());
     block_logits(scratch.q_.data(), scratch.padded_rows_, head_dim, scratch.kT_.data(), scratch.p_.data(),
@@ -103,7 +105,16 @@ void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t gro
     std::fill(scratch.p_.begin() + rows * kKeyBlock, scratch.p_.end(), 0.f);
     block_weighted_sum(scratch.p_.data(), scratch.padded_rows_, head_dim, scratch.v_.data(), scratch.acc_.data());
   }
+}
 
+// attend_kv_head_state, then each row normalized into `out` (zeros for a row that sees nothing).
+template <typename T>
+void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t group, const CacheHeadView<T>& k,
+                    const CacheHeadView<T>& v, const std::vector<int64_t>& positions, int64_t always_visible_below,
+                    int64_t first_query_pos, float scale, int64_t head_dim, const QueryGroupView<T>& out,
+                    AttendScratch& scratch) {
+  attend_kv_head_state<T>(q, q_len, group, k, v, positions.data(), static_cast<int64_t>(positions.size()),
+                          always_visible_below, first_query_pos, scale, head_dim, scratch);
   for (int64_t i = 0; i < q_len; ++i) {
     for (int64_t j = 0; j < group; ++j) {
       const int64_t r = i * group + j;
@@ -116,24 +127,33 @@ void attend_kv_head(const QueryGroupView<const T>& q, int64_t q_len, int64_t gro
   }
 }
 
-// attend_kv_head for sequence b, KV head h of an op's tensors: q and out [B, Qn, H_q, D]
-// (out contiguous or not), caches [B, H_kv, S, D], all with a contiguous last dim.
+// The views of sequence b, KV head h of an op's tensors: q and out [B, Qn, H_q, D] (out
+// contiguous or not), caches [B, H_kv, S, D], all with a contiguous last dim.
+template <typename T>
+struct HeadViews {
+  HeadViews(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out, int64_t b,
+            int64_t h)
+      : group(q.size(2) / k_cache.size(1)),
+        q_view{q.const_data_ptr<T>() + b * q.stride(0) + h * group * q.stride(2), q.stride(1), q.stride(2)},
+        k_view{k_cache.const_data_ptr<T>() + b * k_cache.stride(0) + h * k_cache.stride(1), k_cache.stride(2)},
+        v_view{v_cache.const_data_ptr<T>() + b * v_cache.stride(0) + h * v_cache.stride(1), v_cache.stride(2)},
+        out_view{out.mutable_data_ptr<T>() + b * out.stride(0) + h * group * out.stride(2), out.stride(1),
+                 out.stride(2)} {}
+
+  int64_t group;
+  QueryGroupView<const T> q_view;
+  CacheHeadView<T> k_view, v_view;
+  QueryGroupView<T> out_view;
+};
+
+// attend_kv_head for sequence b, KV head h of an op's tensors (HeadViews' layouts).
 template <typename T>
 void attend_kv_head(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
                     int64_t b, int64_t h, const std::vector<int64_t>& positions, int64_t always_visible_below,
                     int64_t first_query_pos, float scale, AttendScratch& scratch) {
-  const int64_t group = q.size(2) / k_cache.size(1);
-  const int64_t head0 = h * group;
-  const QueryGroupView<const T> q_view{q.const_data_ptr<T>() + b * q.stride(0) + head0 * q.stride(2), q.stride(1),
-                                       q.stride(2)};
-  const CacheHeadView<T> k_view{k_cache.const_data_ptr<T>() + b * k_cache.stride(0) + h * k_cache.stride(1),
-                                k_cache.stride(2)};
-  const CacheHeadView<T> v_view{v_cache.const_data_ptr<T>() + b * v_cache.stride(0) + h * v_cache.stride(1),
-                                v_cache.stride(2)};
-  const QueryGroupView<T> out_view{out.mutable_data_ptr<T>() + b * out.stride(0) + head0 * out.stride(2),
-                                   out.stride(1), out.stride(2)};
-  attend_kv_head<T>(q_view, q.size(1), group, k_view, v_view, positions, always_visible_below, first_query_pos,
-                    scale, q.size(3), out_view, scratch);
+  const HeadViews<T> views(q, k_cache, v_cache, out, b, h);
+  attend_kv_head<T>(views.q_view, q.size(1), views.group, views.k_view, views.v_view, positions, always_visible_below,
+                    first_query_pos, scale, q.size(3), views.out_view, scratch);
 }
 
 }  // namespace std_ext::cpu
