@@ -10,6 +10,7 @@
   padding of the last dim) holds POISON, so an out-of-range read shows in the result.
 """
 
+import os
 import re
 import sys
 import zlib
@@ -38,6 +39,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "std_ops(*names): std ops a test calls (cuda skips until they have a CUDA kernel)"
     )
+    config.addinivalue_line(
+        "markers", "emulated_subset(*cases, **allowed): with the `kernels` fixture, the cases the emulated "
+        "backend runs (param=value or tuple of values; any of the dicts in cases); the others skip as GPU-only",
+    )
 
 
 def pytest_addoption(parser):
@@ -65,6 +70,11 @@ def pytest_collection_modifyitems(config, items):
     part = config.getoption("--first-light")
     if part is None:
         return
+    # A GPU run's split: the emulated backend's cases (CPU) belong to neither part.
+    emulated = [item for item in items if is_emulated_case(item)]
+    if emulated:
+        config.hook.pytest_deselected(items=emulated)
+        items[:] = [item for item in items if not is_emulated_case(item)]
     seen, curated, rest = set(), [], []
     for item in items:
         group = _first_light_group(item)
@@ -85,18 +95,26 @@ def has_cuda_kernel(op):
         return False
 
 
+def skip_without_cuda_kernels(request):
+    """Skips a GPU case without a GPU, or while an op it calls (`@pytest.mark.std_ops(...)`,
+    else an ``op`` parameter, else all four) has no CUDA kernel. Returns those ops."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    marker = request.node.get_closest_marker("std_ops")
+    params = getattr(request.node, "callspec", None)
+    op_param = params.params.get("op") if params else None
+    ops = marker.args if marker else (op_param,) if op_param in OPS else OPS
+    missing = [op for op in ops if not has_cuda_kernel(op)]
+    if missing:
+        pytest.skip(f"no CUDA kernel registered yet for std::{', std::'.join(missing)}")
+    return ops
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request):
     if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("CUDA is not available")
-        marker = request.node.get_closest_marker("std_ops")
+        ops = skip_without_cuda_kernels(request)
         params = getattr(request.node, "callspec", None)
-        op_param = params.params.get("op") if params else None
-        ops = marker.args if marker else (op_param,) if op_param in OPS else OPS
-        missing = [op for op in ops if not has_cuda_kernel(op)]
-        if missing:
-            pytest.skip(f"no CUDA kernel registered yet for std::{', std::'.join(missing)}")
         dtype = params.params.get("dtype") if params else None
         if dtype == torch.float32 and any(op in CUDA_FLOAT_OPS for op in ops):
             pytest.skip("the CUDA attention kernels take float16/bfloat16 (float32 runs on CPU)")
@@ -233,3 +251,118 @@ def ctx_lengths(name, Qn):
         "b1-1000": ([1000], 1003),
         "b3-ragged": ([130, Qn, 37], 133),
     }[name]
+
+
+# ----------------------------------------------------------------------------- CUDA kernel backends
+#
+# The CUDA op tests (test_*_cuda.py) take the `kernels` fixture: each kernel test runs on
+#   "cuda":     the real kernels (torch.ops.std on a GPU); skips without one;
+#   "emulated": the same kernel sources and glue compiled against the CPU emulator of the
+#               SIMT machine (csrc/emulator/, torch.ops.std_emulated.*), on CPU tensors, at
+#               small shapes (kernels.pick) and on a subset of the big grids
+#               (@pytest.mark.emulated_subset). It skips when the emulator cannot be built
+#               here, unless STD_EXT_REQUIRE_EMULATOR=1 (CI), where that is an error.
+# `pytest -k emulated` selects exactly the emulated cases (their id holds "emulated").
+
+KERNEL_BACKENDS = ("cuda", "emulated")
+EMULATED_SUBSET_REASON = "GPU-only case (emulated subset)"
+
+
+def is_emulated_case(item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("kernels") == "emulated"
+
+
+class EmulatedOps:
+    """std_ext.ops' Python signatures and defaults over torch.ops.std_emulated (CPU tensors)."""
+
+    def __init__(self, namespace):
+        self._ns = namespace
+
+    def attention_scores(self, q, k_cache, q_pos, scale=None):
+        return self._ns.attention_scores(q, k_cache, q_pos, std_ext.ops._scale(q, scale))
+
+    def topk_indices(self, scores, candidates, k):
+        return self._ns.topk_indices(scores, candidates, k)
+
+    def sparse_attention(self, q, k_cache, v_cache, indices, tail_start, kv_len, scale=None):
+        return self._ns.sparse_attention(q, k_cache, v_cache, indices, tail_start, kv_len,
+                                         std_ext.ops._scale(q, scale))
+
+    def dense_attention(self, q, k_cache, v_cache, kv_len, scale=None):
+        return self._ns.dense_attention(q, k_cache, v_cache, kv_len, std_ext.ops._scale(q, scale))
+
+
+class KernelBackend:
+    """Where a CUDA kernel test runs: `.name` ("cuda" / "emulated"), `.device` (where its
+    tensors live: "cuda" / "cpu"), `.ops` (std_ext.ops' signatures), `.synchronize()`,
+    `.pick(cuda=..., emulated=...)` (a size per backend)."""
+
+    def __init__(self, name, device, ops):
+        self.name, self.device, self.ops = name, device, ops
+
+    @property
+    def emulated(self):
+        return self.name == "emulated"
+
+    def pick(self, cuda, emulated):
+        return emulated if self.emulated else cuda
+
+    def synchronize(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def __repr__(self):
+        return f"KernelBackend({self.name})"
+
+
+_EMULATED_BACKEND = []  # [KernelBackend] or [skip reason], filled on first use
+
+
+def _load_emulated_backend():
+    if not _EMULATED_BACKEND:
+        try:
+            from emulated_cuda import load_emulated_ops
+
+            _EMULATED_BACKEND.append(KernelBackend("emulated", "cpu", EmulatedOps(load_emulated_ops())))
+        except Exception as error:  # noqa: BLE001 - any build or load failure
+            _EMULATED_BACKEND.append(f"the CUDA emulator could not be built here: {type(error).__name__}: {error}")
+    loaded = _EMULATED_BACKEND[0]
+    if isinstance(loaded, str):
+        if os.environ.get("STD_EXT_REQUIRE_EMULATOR") == "1":
+            pytest.fail(f"STD_EXT_REQUIRE_EMULATOR=1 and {loaded}", pytrace=False)
+        pytest.skip(loaded)
+    return loaded
+
+
+def _matches(params, allowed):
+    """Every parameter named in `allowed` (name -> a value or a tuple of values) has an allowed value."""
+    def ok(value, spec):
+        return value in spec if isinstance(spec, tuple) else value == spec
+
+    return all(ok(params[name], spec) for name, spec in allowed.items() if name in params)
+
+
+def _in_emulated_subset(node):
+    """Whether the emulated backend runs this case: `@pytest.mark.emulated_subset(*cases, **allowed)`;
+    a case runs when its parameters match `allowed` and (if any are given) one of `cases`
+    (dicts of the same form). Without the marker every case runs."""
+    marker = node.get_closest_marker("emulated_subset")
+    callspec = getattr(node, "callspec", None)
+    if marker is None or callspec is None:
+        return True
+    params = callspec.params
+    return _matches(params, marker.kwargs) and (not marker.args or any(_matches(params, c) for c in marker.args))
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernels(request):
+    if request.param == "cuda":
+        skip_without_cuda_kernels(request)
+        return KernelBackend("cuda", "cuda", std_ext.ops)
+    if not _in_emulated_subset(request.node):
+        pytest.skip(EMULATED_SUBSET_REASON)
+    return _load_emulated_backend()
+
+
+# Tests that only mean something on a real GPU (streams, graph capture, the CUDA dispatch).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

@@ -1,4 +1,7 @@
-"""attention_scores on CUDA (kernels/attention_scores.cuh) against a float64 reference.
+"""attention_scores' CUDA kernel (kernels/attention_scores.cuh) against a float64 reference,
+on two backends (the conftest `kernels` fixture): "cuda" on a GPU (skips without one), and
+"emulated", the same kernel and glue run by the CPU emulator of the SIMT machine, at small
+shapes (`kernels.pick`) and on a subset of the big grid (the rest skip as GPU-only there).
 
 The kernel computes fp32 logits from bf16/fp16 inputs, so the bound is a relative error
 (||out - ref|| / ||ref||) of 1e-3. The float64 reference of python_tests/reference.py
@@ -12,7 +15,8 @@ full cache, random unsorted positions of a shorter sequence, -1 padding in the m
 at the end, a sequence of padding only), keys nobody sees scoring exactly 0, transposed q
 and caches that are views into bigger NaN-filled buffers (conftest builders: any slot
 the kernel must not read is NaN), large logits, 256K keys, out-of-range positions, CUDA
-graph capture, determinism, and the dtype / head_dim errors. The conftest autouse fixture
+graph capture (GPU only), padding queries holding NaN / inf, determinism, and the dtype /
+head_dim errors. The conftest autouse fixture
 fills fresh allocations with NaN, so an output element (or scratch word) the kernel
 forgets to write shows.
 """
@@ -21,19 +25,15 @@ import os
 
 import pytest
 import torch
-from conftest import POISON, assert_raises_naming, has_cuda_kernel, ints, make_cache, make_q, rel_err
+from conftest import POISON, KernelBackend, assert_raises_naming, ints, make_cache, make_q, rel_err, requires_cuda
 from reference import attention_scores_ref
 
 import std_ext
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
-    pytest.mark.skipif(not has_cuda_kernel("attention_scores"), reason="std_ext was built without its CUDA kernels"),
-]
+pytestmark = pytest.mark.std_ops("attention_scores")
 
 TOL = 1e-3
 HKV = 2
-DEV = "cuda"
 
 
 # ----------------------------------------------------------------------------- reference
@@ -81,10 +81,10 @@ def last_seen(q_pos_rows, S):
     return [max([-1] + [min(p, S - 1) for p in row if p >= 0]) for row in q_pos_rows]
 
 
-def check(q, k, q_pos, scale, ref=None):
+def check(kernels, q, k, q_pos, scale, ref=None):
     """Runs the op; checks layout, NaN-freedom, exact zeros where nobody looks, and the
     relative error. Returns the output."""
-    out = std_ext.ops.attention_scores(q, k, q_pos, scale=scale)
+    out = kernels.ops.attention_scores(q, k, q_pos, scale=scale)
     B, _, S = out.shape
     assert out.shape == (k.shape[0], k.shape[1], k.shape[2]) and out.dtype == torch.float32
     assert out.device == k.device and out.is_contiguous()
@@ -117,129 +117,151 @@ def ragged_positions(T, lengths, gen):
     return [row0, row1, [-1] * T]
 
 
-def scores_inputs(q_pos_rows, S, G, D, dtype, gen, strided=True):
+def scores_inputs(device, q_pos_rows, S, G, D, dtype, gen, strided=True):
     B, T = len(q_pos_rows), len(q_pos_rows[0])
     seen = [last + 1 for last in last_seen(q_pos_rows, S)]  # slots past it hold NaN
-    q = make_q(B, T, HKV * G, D, dtype, DEV, gen, strided)
-    k = make_cache(B, HKV, S, D, seen, dtype, DEV, gen, strided)
-    return q, k, ints(q_pos_rows, DEV)
+    q = make_q(B, T, HKV * G, D, dtype, device, gen, strided)
+    k = make_cache(B, HKV, S, D, seen, dtype, device, gen, strided)
+    return q, k, ints(q_pos_rows, device)
 
 
 # ----------------------------------------------------------------------------- tests
 
 
-def test_gpu_reference_matches_reference_py(gen):
+def test_gpu_reference_matches_reference_py(kernels, gen):
     """The chunked float64 helper agrees with reference.py (which the CPU tests use)."""
     rows = [[40, -1, 7, 41, -1], [-1, -1, -1, -1, -1], [3, 3, 0, -1, 12]]
-    q, k, q_pos = scores_inputs(rows, 45, 3, 64, torch.bfloat16, gen)
+    q, k, q_pos = scores_inputs(kernels.device, rows, 45, 3, 64, torch.bfloat16, gen)
     ref = attention_scores_ref(q, k, q_pos, 0.3)
     got = scores_ref_gpu(q, k, q_pos, 0.3, key_chunk=16).cpu()
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.emulated_subset(T=(1, 16, 64), G=(1, 7))
 @pytest.mark.parametrize("T", [1, 16, 64, 256, 512])
 @pytest.mark.parametrize("G", [1, 4, 6, 7, 8])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_matches_reference(gen, dtype, D, G, T):
-    # S above 2 * 2048: pass 1 splits the keys in several chunks; S % 128 != 0: partial tiles.
-    S = 4200 + 37
-    rows = ragged_positions(T, (S, 1900), gen)
-    q, k, q_pos = scores_inputs(rows, S, G, D, dtype, gen)
-    out = check(q, k, q_pos, 1.3 * D**-0.5)
+def test_matches_reference(kernels, gen, dtype, D, G, T):
+    # S above 2 * 2048 (emulated: above 2048): pass 1 splits the keys in several chunks;
+    # S % 128 != 0: partial tiles.
+    S = kernels.pick(cuda=4200, emulated=2600) + 37
+    rows = ragged_positions(T, (S, kernels.pick(cuda=1900, emulated=1200)), gen)
+    q, k, q_pos = scores_inputs(kernels.device, rows, S, G, D, dtype, gen)
+    out = check(kernels, q, k, q_pos, 1.3 * D**-0.5)
     assert torch.equal(out[2], torch.zeros_like(out[2])), "a sequence of padding only scores 0"
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_matches_reference_py_directly(gen, D):
+def test_matches_reference_py_directly(kernels, gen, D):
     """A small ragged case against reference.py itself (rows of 1 and 2 valid queries)."""
     rows = [[19, 19, 3, -1, 19], [0, -1, -1, -1, -1], [-1, 7, -1, -1, -1]]
-    q, k, q_pos = scores_inputs(rows, 20, 7, D, torch.bfloat16, gen)
-    check(q, k, q_pos, 0.09, ref=attention_scores_ref(q, k, q_pos, 0.09))
+    q, k, q_pos = scores_inputs(kernels.device, rows, 20, 7, D, torch.bfloat16, gen)
+    check(kernels, q, k, q_pos, 0.09, ref=attention_scores_ref(q, k, q_pos, 0.09))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_padding_queries_may_hold_nan_and_inf(kernels, gen, dtype):
+    """Padding queries (q_pos = -1: in the middle, at the end, a whole sequence) hold NaN,
+    +inf and -inf in q: nothing of them reaches the output (masked rows are selected away)."""
+    rows = ragged_positions(20, (300, 120), gen)
+    q, k, q_pos = scores_inputs(kernels.device, rows, 300, 4, 64, dtype, gen)
+    garbage = (float("nan"), float("inf"), -float("inf"))
+    for b, row in enumerate(rows):
+        for t, pos in enumerate(row):
+            if pos < 0:
+                q[b, t] = garbage[(b + t) % 3]
+    check(kernels, q, k, q_pos, 0.2, ref=attention_scores_ref(q, k, q_pos, 0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
-def test_large_logits(gen, dtype, D):
+def test_large_logits(kernels, gen, dtype, D):
     """scale 40 / sqrt(D): logits of a few hundred; the softmax is nearly one-hot per row."""
-    S = 3000
-    rows = ragged_positions(64, (S, 1000), gen)
-    q, k, q_pos = scores_inputs(rows, S, 7, D, dtype, gen)
-    check(q, k, q_pos, 40 * D**-0.5)
+    S = kernels.pick(cuda=3000, emulated=1000)
+    rows = ragged_positions(64, (S, S // 3), gen)
+    q, k, q_pos = scores_inputs(kernels.device, rows, S, 7, D, dtype, gen)
+    check(kernels, q, k, q_pos, 40 * D**-0.5)
 
 
-def test_contiguous_inputs(gen):
+def test_contiguous_inputs(kernels, gen):
     rows = ragged_positions(16, (700, 333), gen)
-    q, k, q_pos = scores_inputs(rows, 700, 4, 128, torch.bfloat16, gen, strided=False)
-    check(q, k, q_pos, 128**-0.5)
+    q, k, q_pos = scores_inputs(kernels.device, rows, 700, 4, 128, torch.bfloat16, gen, strided=False)
+    check(kernels, q, k, q_pos, 128**-0.5)
 
 
-def test_misaligned_views(gen):
+def test_misaligned_views(kernels, gen):
     """Rows that are not 16-byte aligned (views at an odd element offset, odd strides)
     take the kernel's copy path."""
     B, T, G, D, S = 2, 8, 4, 64, 300
+    dev = kernels.device
     rows = [[290 + t for t in range(T)], [-1] + [100 + t for t in range(T - 1)]]
-    q = torch.randn(B, HKV * G, T, D + 1, generator=gen).to(DEV, torch.bfloat16)[..., 1:].transpose(1, 2)
-    k = torch.randn(B, HKV, S, D + 3, generator=gen).to(DEV, torch.bfloat16)[..., 3:]
+    q = torch.randn(B, HKV * G, T, D + 1, generator=gen).to(dev, torch.bfloat16)[..., 1:].transpose(1, 2)
+    k = torch.randn(B, HKV, S, D + 3, generator=gen).to(dev, torch.bfloat16)[..., 3:]
     assert q.data_ptr() % 16 != 0 and k.data_ptr() % 16 != 0
-    check(q, k, ints(rows, DEV), 0.1)
+    check(kernels, q, k, ints(rows, dev), 0.1)
 
 
-def test_one_query_one_head(gen):
+def test_one_query_one_head(kernels, gen):
     """A single row per KV head (T = 1, G = 1): each output row is one softmax."""
-    q, k, q_pos = scores_inputs([[4095], [130]], 4096, 1, 128, torch.bfloat16, gen)
-    out = check(q, k, q_pos, 128**-0.5)
+    q, k, q_pos = scores_inputs(kernels.device, [[4095], [130]], 4096, 1, 128, torch.bfloat16, gen)
+    out = check(kernels, q, k, q_pos, 128**-0.5)
     sums = out.double().sum(-1)
     torch.testing.assert_close(sums, torch.ones_like(sums), rtol=1e-4, atol=0)
 
 
-def test_long_context_256k(gen):
-    """S = 256K, T = 32, Qwen2-7B's group of 7: the full output against the float64
-    reference; sequence 1 stops at 100K, so most of its keys score exactly 0."""
-    B, T, G, D, S = 2, 32, 7, 128, 256 * 1024
-    lengths = [S, 100_000]
+def test_long_context_256k(kernels, gen):
+    """S = 256K (emulated: 8K), T = 32, Qwen2-7B's group of 7: the full output against the
+    float64 reference; sequence 1 stops at 100K (emulated 3K), so most of its keys score
+    exactly 0."""
+    B, T, G, D = 2, 32, 7, 128
+    S, stop = kernels.pick(cuda=(256 * 1024, 100_000), emulated=(8192, 3000))
+    dev = kernels.device
+    lengths = [S, stop]
     rows = [list(range(S - T, S)), list(range(lengths[1] - T, lengths[1]))]
     rows[1][5] = -1
-    q = make_q(B, T, HKV * G, D, torch.bfloat16, DEV, gen)
-    # Built on the GPU (a CPU-built 256K cache would dominate the test's time): a view into
-    # a bigger NaN buffer, NaN past each sequence's last position.
-    big = torch.full((B, HKV + 1, S + 5, D + 8), POISON, dtype=torch.bfloat16, device=DEV)
+    q = make_q(B, T, HKV * G, D, torch.bfloat16, dev, gen)
+    # Built where the tensors live (a CPU-built 256K cache would dominate a GPU test's time):
+    # a view into a bigger NaN buffer, NaN past each sequence's last position.
+    big = torch.full((B, HKV + 1, S + 5, D + 8), POISON, dtype=torch.bfloat16, device=dev)
     k = big[:, 1:, 2 : 2 + S, :D]
     for b, n in enumerate(lengths):
-        k[b, :, :n] = torch.randn(HKV, n, D, device=DEV).to(torch.bfloat16)
-    check(q, k, ints(rows, DEV), D**-0.5)
+        k[b, :, :n] = torch.randn(HKV, n, D, device=dev).to(torch.bfloat16)
+    check(kernels, q, k, ints(rows, dev), D**-0.5)
 
 
-def test_positions_out_of_range_are_clamped(gen, monkeypatch):
+def test_positions_out_of_range_are_clamped(kernels, gen, monkeypatch):
     """Without STD_EXT_DEBUG, q_pos >= S reads as S - 1 and q_pos < -1 as padding (no
     out-of-bounds access); with STD_EXT_DEBUG=1 the value check names q_pos."""
-    S = 500
+    S, dev = 500, kernels.device
     rows = [[S + 7, 2**31 - 1, 100, -5], [-2, 30, -1, 499]]
-    q, k, q_pos = scores_inputs([[S - 1, S - 1, 100, -1], [-1, 30, -1, 499]], S, 4, 64, torch.bfloat16, gen)
+    q, k, q_pos = scores_inputs(dev, [[S - 1, S - 1, 100, -1], [-1, 30, -1, 499]], S, 4, 64, torch.bfloat16, gen)
     monkeypatch.delenv("STD_EXT_DEBUG", raising=False)
-    out = std_ext.ops.attention_scores(q, k, ints(rows, DEV), scale=0.2)
-    clamped = std_ext.ops.attention_scores(q, k, q_pos, scale=0.2)
+    out = kernels.ops.attention_scores(q, k, ints(rows, dev), scale=0.2)
+    clamped = kernels.ops.attention_scores(q, k, q_pos, scale=0.2)
     assert torch.equal(out, clamped)
-    check(q, k, q_pos, 0.2)
+    check(kernels, q, k, q_pos, 0.2)
     monkeypatch.setenv("STD_EXT_DEBUG", "1")
-    assert_raises_naming(lambda: std_ext.ops.attention_scores(q, k, ints(rows, DEV), scale=0.2),
+    assert_raises_naming(lambda: kernels.ops.attention_scores(q, k, ints(rows, dev), scale=0.2),
                          "attention_scores", "q_pos")
 
 
-def test_deterministic(gen):
-    rows = ragged_positions(64, (3000, 1200), gen)
-    q, k, q_pos = scores_inputs(rows, 3000, 7, 128, torch.bfloat16, gen)
-    first = std_ext.ops.attention_scores(q, k, q_pos, scale=0.1)
+def test_deterministic(kernels, gen):
+    S = kernels.pick(cuda=3000, emulated=1000)
+    rows = ragged_positions(64, (S, S * 2 // 5), gen)
+    q, k, q_pos = scores_inputs(kernels.device, rows, S, 7, 128, torch.bfloat16, gen)
+    first = kernels.ops.attention_scores(q, k, q_pos, scale=0.1)
     for _ in range(3):
-        assert torch.equal(std_ext.ops.attention_scores(q, k, q_pos, scale=0.1), first)
+        assert torch.equal(kernels.ops.attention_scores(q, k, q_pos, scale=0.1), first)
 
 
+@requires_cuda
 def test_cuda_graph_capture(gen, monkeypatch):
     """No host synchronization: the op captures into a CUDA graph and replays with new
     inputs (copied into the captured buffers)."""
     monkeypatch.delenv("STD_EXT_DEBUG", raising=False)
     rows = ragged_positions(16, (2500, 900), gen)
-    q, k, q_pos = scores_inputs(rows, 2500, 4, 128, torch.bfloat16, gen)
+    q, k, q_pos = scores_inputs("cuda", rows, 2500, 4, 128, torch.bfloat16, gen)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (allocator, attributes)
@@ -249,37 +271,41 @@ def test_cuda_graph_capture(gen, monkeypatch):
     with torch.cuda.graph(graph):
         out = std_ext.ops.attention_scores(q, k, q_pos, scale=0.1)
     rows2 = ragged_positions(16, (2500, 1700), gen)
-    q2, k2, q_pos2 = scores_inputs(rows2, 2500, 4, 128, torch.bfloat16, gen)
+    q2, k2, q_pos2 = scores_inputs("cuda", rows2, 2500, 4, 128, torch.bfloat16, gen)
     q.copy_(q2)
     k.copy_(k2)
     q_pos.copy_(q_pos2)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, std_ext.ops.attention_scores(q, k, q_pos, scale=0.1))
-    check(q, k, q_pos, 0.1)
+    check(KernelBackend("cuda", "cuda", std_ext.ops), q, k, q_pos, 0.1)
 
 
-def test_float32_raises_naming_dtype():
-    q = torch.randn(1, 2, 4, 64, device=DEV)
-    k = torch.randn(1, 2, 8, 64, device=DEV)
-    q_pos = ints([[3, 7]], DEV)
-    assert_raises_naming(lambda: torch.ops.std.attention_scores(q, k, q_pos, 0.125), "attention_scores", "q",
+def test_float32_raises_naming_dtype(kernels):
+    dev = kernels.device
+    q = torch.randn(1, 2, 4, 64, device=dev)
+    k = torch.randn(1, 2, 8, 64, device=dev)
+    q_pos = ints([[3, 7]], dev)
+    assert_raises_naming(lambda: kernels.ops.attention_scores(q, k, q_pos, scale=0.125), "attention_scores", "q",
                          "Float|float32")
 
 
-def test_unsupported_head_dim_raises():
-    q = torch.randn(1, 2, 4, 96, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(1, 2, 8, 96, device=DEV, dtype=torch.bfloat16)
-    q_pos = ints([[3, 7]], DEV)
-    assert_raises_naming(lambda: torch.ops.std.attention_scores(q, k, q_pos, 0.125), "attention_scores", "head_dim")
+def test_unsupported_head_dim_raises(kernels):
+    dev = kernels.device
+    q = torch.randn(1, 2, 4, 96, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 8, 96, device=dev, dtype=torch.bfloat16)
+    q_pos = ints([[3, 7]], dev)
+    assert_raises_naming(lambda: kernels.ops.attention_scores(q, k, q_pos, scale=0.125), "attention_scores",
+                         "head_dim")
 
 
-def test_empty_inputs():
+def test_empty_inputs(kernels):
     """T = 0: no query, every key scores 0 (the kernels are not launched)."""
-    q = torch.randn(2, 0, 4, 64, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(2, 2, 10, 64, device=DEV, dtype=torch.bfloat16)
-    out = torch.ops.std.attention_scores(q, k, torch.zeros(2, 0, dtype=torch.int32, device=DEV), 0.125)
-    assert torch.equal(out, torch.zeros(2, 2, 10, device=DEV))
+    dev = kernels.device
+    q = torch.randn(2, 0, 4, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 10, 64, device=dev, dtype=torch.bfloat16)
+    out = kernels.ops.attention_scores(q, k, torch.zeros(2, 0, dtype=torch.int32, device=dev), scale=0.125)
+    assert torch.equal(out, torch.zeros(2, 2, 10, device=dev))
 
 
 if os.environ.get("STD_EXT_SCORES_PROFILE"):  # pragma: no cover - manual timing aid
@@ -287,9 +313,9 @@ if os.environ.get("STD_EXT_SCORES_PROFILE"):  # pragma: no cover - manual timing
     def test_profile_qwen2_shape(gen):
         """Times one Qwen2-7B layer (28 query heads, 4 KV heads, D 128) at T = 256, S = 128K."""
         B, T, Hq, Hkv, D, S = 1, 256, 28, 4, 128, 128 * 1024
-        q = torch.randn(B, T, Hq, D, device=DEV, dtype=torch.bfloat16)
-        k = torch.randn(B, Hkv, S, D, device=DEV, dtype=torch.bfloat16)
-        q_pos = torch.arange(S - T, S, device=DEV, dtype=torch.int32)[None]
+        q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        q_pos = torch.arange(S - T, S, device="cuda", dtype=torch.int32)[None]
         for _ in range(3):
             torch.ops.std.attention_scores(q, k, q_pos, D**-0.5)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,7 +1,12 @@
-"""topk_indices on CUDA: bitwise equal to the CPU kernel (the definition) on the CPU copies.
+"""topk_indices' CUDA kernel: bitwise equal to the CPU kernel (the definition) on the CPU
+copies. Two backends (the conftest `kernels` fixture): "cuda" on a GPU (skips without one),
+and "emulated", the same kernel and glue run by the CPU emulator of the SIMT machine, at
+small shapes (rows of 17.5K-27K instead of 64K-256K, still split over several blocks) and on a
+subset of the big grids.
 
 Covers both launch shapes of the CUDA kernel: one block per row (many or short rows) and
-several blocks per row (few rows of 16K+ positions, e.g. 112 rows x 128K), the early
+several blocks per row (few rows of 16K+ positions, e.g. 112 rows x 128K; see
+plan_topk_indices), rows whose length (and whose last slice) ends inside a warp, the early
 exits of the radix selection (at most k candidates; a digit bin holding exactly what is
 still needed) and the tie rules (equal scores and -0.0/+0.0 to the lower position, NaN
 below -inf). The conftest autouse fixture fills fresh outputs with poison, so a slot the
@@ -10,22 +15,46 @@ kernel forgets to write fails the comparison.
 
 import pytest
 import torch
+from conftest import is_emulated_case, requires_cuda
 
-import std_ext
-from conftest import has_cuda_kernel
-
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
-    pytest.mark.skipif(not has_cuda_kernel("topk_indices"), reason="std_ext was built without its CUDA kernels"),
-]
+pytestmark = pytest.mark.std_ops("topk_indices")
 
 NAN, INF = float("nan"), float("inf")
 # S from 1 to 256K: short rows, a row one past the 4096 short-row block size, and rows
-# long enough to be split over several blocks.
+# long enough to be split over several blocks. On the emulator the long rows are shorter
+# but still split: 17508 = two slices of 9216 / 8292 positions (512 threads x 8 per round:
+# the last round of the second slice stops inside a warp, lane 4 of warp 3), and 27000 =
+# three slices (the last stops inside warp 11).
 LENGTHS = (1, 2, 7, 1000, 4097, 65536, 262144)
+EMULATED_LONG = 17508
+EMULATED_THREE_SLICES = 27000
 KS = (1, 17, 1024, 4096)
 DISTS = ("random", "ties", "all_equal", "signed_zeros", "nan_inf")
 MASKS = ("all", "holes", "sparse")
+
+
+# Known emulator gap (reported; the kernel is right on the hardware): the emulator's
+# __activemask() answers every live lane of the warp, where the hardware answers the lanes
+# converged at the call. accumulate_first_histogram calls __match_any_sync(__activemask(), ..)
+# in a loop whose last round only some lanes of a warp enter (rows shorter than a warp, and
+# the long rows here, which stop inside a warp on purpose), so the emulator reports a
+# deadlock (RuntimeError) in exactly these cases. Strict: they fail loudly once the emulator
+# answers like the hardware (then delete this), and a wrong value (AssertionError) fails now.
+_ACTIVEMASK_GAP_TESTS = ("test_row_shapes_long", "test_many_long_rows_one_block_each", "test_hand_case",
+                         "test_matches_torch_topk_on_distinct_scores")
+_ACTIVEMASK_GAP_LENGTHS = ("test_matches_cpu", "test_fewer_candidates_than_k", "test_noncontiguous_scores")
+
+
+@pytest.fixture(autouse=True)
+def emulator_activemask_gap(request):
+    item = request.node
+    if not is_emulated_case(item):
+        return
+    S = item.callspec.params.get("S")
+    if item.originalname in _ACTIVEMASK_GAP_TESTS or (
+            item.originalname in _ACTIVEMASK_GAP_LENGTHS and S in (1, 2, 7, 65536)):
+        item.add_marker(pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                          reason="emulator __activemask() gap: deadlock at __match_any_sync"))
 
 
 def make_scores(shape, dist, gen):
@@ -57,8 +86,13 @@ def make_candidates(B, S, kind, gen):
     return cand
 
 
-def assert_matches_cpu(scores, cand, k):
-    out = torch.ops.std.topk_indices(scores, cand, k)
+def long_row(kernels, S):
+    """A GPU length, or on the emulator the shorter length that still takes several blocks."""
+    return kernels.pick(cuda=S, emulated=min(S, EMULATED_LONG))
+
+
+def assert_matches_cpu(kernels, scores, cand, k):
+    out = kernels.ops.topk_indices(scores, cand, k)
     ref = torch.ops.std.topk_indices(scores.cpu(), cand.cpu(), k)
     B, H, _ = scores.shape
     assert out.device == scores.device and out.dtype == torch.int32 and out.shape == (B, H, k)
@@ -68,7 +102,7 @@ def assert_matches_cpu(scores, cand, k):
         where = (got != ref).nonzero()[0].tolist()
         b, h, _ = where
         raise AssertionError(
-            f"first mismatch at {where}: cuda row {got[b, h, :12].tolist()}... cpu row {ref[b, h, :12].tolist()}..."
+            f"first mismatch at {where}: {kernels.name} row {got[b, h, :12].tolist()}... cpu row {ref[b, h, :12].tolist()}..."
         )
     return out
 
@@ -77,110 +111,119 @@ def k_values(S):
     return sorted({k for k in KS if k <= S} | {S})
 
 
+@pytest.mark.emulated_subset(S=(1, 2, 7, 1000, 4097, 65536))
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("S", LENGTHS)
-def test_matches_cpu(gen, S, dist, mask):
-    B, H = 2, 3
-    scores = make_scores((B, H, S), dist, gen).cuda()
-    cand = make_candidates(B, S, mask, gen).cuda()
+def test_matches_cpu(kernels, gen, S, dist, mask):
+    """Emulated: S 65536 runs as 17508 (two slices per row)."""
+    B, H, S = 2, 3, long_row(kernels, S)
+    scores = make_scores((B, H, S), dist, gen).to(kernels.device)
+    cand = make_candidates(B, S, mask, gen).to(kernels.device)
     for k in k_values(S):
-        assert_matches_cpu(scores, cand, k)
+        assert_matches_cpu(kernels, scores, cand, k)
 
 
 @pytest.mark.parametrize("S", (7, 4097, 65536))
-def test_fewer_candidates_than_k(gen, S):
+def test_fewer_candidates_than_k(kernels, gen, S):
     """k > #candidates: every candidate ascending, then -1; an all-False row is all -1."""
-    B, H = 3, 2
-    scores = make_scores((B, H, S), "random", gen).cuda()
+    B, H, S = 3, 2, long_row(kernels, S)
+    scores = make_scores((B, H, S), "random", gen).to(kernels.device)
     cand = torch.zeros(B, S, dtype=torch.bool)
     cand[0, torch.randperm(S, generator=gen)[: max(1, S // 3)]] = True
     cand[1, -1] = True  # one candidate, at the last position
-    cand = cand.cuda()
+    cand = cand.to(kernels.device)
     for k in sorted({S // 2 + 1, S}):
-        out = assert_matches_cpu(scores, cand, k)
+        out = assert_matches_cpu(kernels, scores, cand, k)
         assert (out[2] == -1).all()
 
 
 @pytest.mark.parametrize("mask", ("all", "none"))
-def test_k_equals_candidates(gen, mask):
+def test_k_equals_candidates(kernels, gen, mask):
     S = 4097
-    scores = make_scores((2, 3, S), "ties", gen).cuda()
-    cand = make_candidates(2, S, mask, gen).cuda()
-    out = assert_matches_cpu(scores, cand, S)
-    if mask == "all":
-        assert torch.equal(out.cpu(), torch.arange(S, dtype=torch.int32).expand(2, 3, S))
+    scores = make_scores((2, 3, S), "ties", gen).to(kernels.device)
+    cand = make_candidates(2, S, mask, gen).to(kernels.device)
+    out = assert_matches_cpu(kernels, scores, cand, S)
+    expected = torch.arange(S, dtype=torch.int32) if mask == "all" else torch.full((S,), -1, dtype=torch.int32)
+    assert torch.equal(out.cpu(), expected.expand(2, 3, S))
 
 
 @pytest.mark.parametrize("S", (1, 1000, 65536))
-def test_k_zero(gen, S):
-    scores = make_scores((2, 3, S), "random", gen).cuda()
-    cand = make_candidates(2, S, "holes", gen).cuda()
-    out = torch.ops.std.topk_indices(scores, cand, 0)
+def test_k_zero(kernels, gen, S):
+    S = long_row(kernels, S)
+    scores = make_scores((2, 3, S), "random", gen).to(kernels.device)
+    cand = make_candidates(2, S, "holes", gen).to(kernels.device)
+    out = kernels.ops.topk_indices(scores, cand, 0)
     assert out.shape == (2, 3, 0) and out.dtype == torch.int32 and out.device == scores.device
 
 
+@pytest.mark.emulated_subset(B=(1, 2))
 @pytest.mark.parametrize("dist", ("random", "ties"))
 @pytest.mark.parametrize("B,H", [(1, 1), (2, 3), (28, 4)], ids=lambda v: str(v))
-def test_row_shapes_long(gen, B, H, dist):
-    """112 rows x 128K with k = 1024 (the multi-block split at its intended size), and fewer rows."""
-    S = 131072
-    scores = make_scores((B, H, S), dist, gen).cuda()
-    cand = make_candidates(B, S, "holes", gen).cuda()
-    assert_matches_cpu(scores, cand, 1024)
+def test_row_shapes_long(kernels, gen, B, H, dist):
+    """112 rows x 128K with k = 1024 (the multi-block split at its intended size), and fewer
+    rows; emulated: rows of 27000 (three slices, the last ending inside a warp)."""
+    S = kernels.pick(cuda=131072, emulated=EMULATED_THREE_SLICES)
+    scores = make_scores((B, H, S), dist, gen).to(kernels.device)
+    cand = make_candidates(B, S, "holes", gen).to(kernels.device)
+    assert_matches_cpu(kernels, scores, cand, 1024)
 
 
-def test_many_long_rows_one_block_each(gen):
-    """Enough rows that each gets one block, with rows far longer than a block's chunk."""
-    B, H, S = 75, 4, 40000
-    scores = make_scores((B, H, S), "random", gen).cuda()
-    cand = make_candidates(B, S, "holes", gen).cuda()
+def test_many_long_rows_one_block_each(kernels, gen):
+    """Enough rows that each gets one block (emulated: rows too short to split), with rows
+    far longer than a block's chunk (1024 threads x 8 positions; emulated: the second round
+    stops inside warp 31)."""
+    B, H, S = kernels.pick(cuda=(75, 4, 40000), emulated=(2, 3, 9192))
+    scores = make_scores((B, H, S), "random", gen).to(kernels.device)
+    cand = make_candidates(B, S, "holes", gen).to(kernels.device)
     for k in (17, 4096):
-        assert_matches_cpu(scores, cand, k)
+        assert_matches_cpu(kernels, scores, cand, k)
 
 
-def test_thousands_of_short_rows(gen):
-    B, H, S = 64, 64, 1000
-    scores = make_scores((B, H, S), "ties", gen).cuda()
-    cand = make_candidates(B, S, "holes", gen).cuda()
+def test_thousands_of_short_rows(kernels, gen):
+    B, H, S = kernels.pick(cuda=(64, 64, 1000), emulated=(8, 64, 1000))
+    scores = make_scores((B, H, S), "ties", gen).to(kernels.device)
+    cand = make_candidates(B, S, "holes", gen).to(kernels.device)
     for k in (1, 17, 999):
-        assert_matches_cpu(scores, cand, k)
+        assert_matches_cpu(kernels, scores, cand, k)
 
 
 @pytest.mark.parametrize("S", (1000, 65536))
-def test_noncontiguous_scores(gen, S):
+def test_noncontiguous_scores(kernels, gen, S):
     """Views: a head slice of a bigger tensor with a start offset in the last dim (so the
     row is not 16-byte aligned), and a heads-major buffer transposed to [B, H, S]."""
-    B, H = 2, 3
+    B, H, S = 2, 3, long_row(kernels, S)
     big = torch.full((B, H + 2, S + 5), NAN)
     big[:, 1 : 1 + H, 3 : 3 + S] = make_scores((B, H, S), "ties", gen)
-    sliced = big.cuda()[:, 1 : 1 + H, 3 : 3 + S]
-    heads_major = make_scores((H, B, S), "random", gen).cuda().transpose(0, 1)
-    cand = make_candidates(B, S, "holes", gen).cuda()
+    sliced = big.to(kernels.device)[:, 1 : 1 + H, 3 : 3 + S]
+    heads_major = make_scores((H, B, S), "random", gen).to(kernels.device).transpose(0, 1)
+    cand = make_candidates(B, S, "holes", gen).to(kernels.device)
     for scores in (sliced, heads_major):
         assert not scores.is_contiguous()
         for k in (17, min(S, 1024)):
-            assert_matches_cpu(scores, cand, k)
+            assert_matches_cpu(kernels, scores, cand, k)
 
 
-def test_noncontiguous_candidates(gen):
+def test_noncontiguous_candidates(kernels, gen):
     S = 5000
-    scores = make_scores((2, 3, S), "random", gen).cuda()
-    cand = make_candidates(S, 2, "holes", gen).cuda().t()  # [2, S] view of an [S, 2] tensor
+    scores = make_scores((2, 3, S), "random", gen).to(kernels.device)
+    cand = make_candidates(S, 2, "holes", gen).to(kernels.device).t()  # [2, S] view of an [S, 2] tensor
     assert not cand.is_contiguous()
-    assert_matches_cpu(scores, cand, 100)
+    assert_matches_cpu(kernels, scores, cand, 100)
 
 
-def test_hand_case():
+def test_hand_case(kernels):
     """Ties -> lower position; NaN last; -0.0 ties +0.0; -1 padding; output ascending."""
-    scores = torch.tensor([[[1.0, 3.0, 3.0, NAN, -0.0, 3.0, NAN, 5.0, 0.0]]], device="cuda")
-    cand = torch.tensor([[True, True, False, True, True, True, True, True, True]], device="cuda")
-    assert std_ext.ops.topk_indices(scores, cand, 3).tolist() == [[[1, 5, 7]]]
-    assert std_ext.ops.topk_indices(scores, cand, 5).tolist() == [[[0, 1, 4, 5, 7]]]
-    assert std_ext.ops.topk_indices(scores, cand, 6).tolist() == [[[0, 1, 4, 5, 7, 8]]]
-    assert std_ext.ops.topk_indices(scores, cand, 9).tolist() == [[[0, 1, 3, 4, 5, 6, 7, 8, -1]]]
+    scores = torch.tensor([[[1.0, 3.0, 3.0, NAN, -0.0, 3.0, NAN, 5.0, 0.0]]], device=kernels.device)
+    cand = torch.tensor([[True, True, False, True, True, True, True, True, True]], device=kernels.device)
+    topk = kernels.ops.topk_indices
+    assert topk(scores, cand, 3).tolist() == [[[1, 5, 7]]]
+    assert topk(scores, cand, 5).tolist() == [[[0, 1, 4, 5, 7]]]
+    assert topk(scores, cand, 6).tolist() == [[[0, 1, 4, 5, 7, 8]]]
+    assert topk(scores, cand, 9).tolist() == [[[0, 1, 3, 4, 5, 6, 7, 8, -1]]]
 
 
+@requires_cuda
 def test_current_stream_and_graph_capture(gen):
     """The op runs on the current stream and, with no host sync, can be captured in a graph."""
     B, H, S, k = 2, 3, 65536, 1024
@@ -205,8 +248,10 @@ def test_current_stream_and_graph_capture(gen):
     assert torch.equal(captured.cpu(), torch.ops.std.topk_indices(new_scores, cand.cpu(), k))
 
 
-def test_matches_torch_topk_on_distinct_scores(gen):
-    """Independent cross-check at the multi-block size: no ties, all candidates."""
-    scores = torch.randn(4, 2, 131072, generator=gen).cuda()
-    out = std_ext.ops.topk_indices(scores, torch.ones(4, 131072, dtype=torch.bool, device="cuda"), 4096)
+def test_matches_torch_topk_on_distinct_scores(kernels, gen):
+    """Independent cross-check at the multi-block size (emulated: 27000, three slices): no
+    ties, all candidates."""
+    S = kernels.pick(cuda=131072, emulated=EMULATED_THREE_SLICES)
+    scores = torch.randn(4, 2, S, generator=gen).to(kernels.device)
+    out = kernels.ops.topk_indices(scores, torch.ones(4, S, dtype=torch.bool, device=kernels.device), 4096)
     assert torch.equal(out.long(), scores.topk(4096, dim=-1).indices.sort(dim=-1).values)
