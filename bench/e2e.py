@@ -99,6 +99,7 @@ class Settings:
     tp: int = 1  # tensor-parallel ranks (under torchrun); byte counts and floors are per rank
     checkpoint: str | None = None  # with tp > 1: where the random model is saved for loading
     pairs: list[tuple[int, int]] | None = None  # (context, batch) to measure, instead of contexts × batches
+    draft_weights: tuple[str, ...] = ()  # also run StD at --gamma with each of these draft precisions
 
 
 def make_config(shape: dict, max_positions: int):
@@ -334,6 +335,9 @@ class Result:
     kv_cache_bytes: float
     exactness: dict[str, str]
     divergences: list[str]
+    draft_weight_notes: list[str] = field(default_factory=list)  # precisions this device cannot run
+    weight_bytes: float = 0.0  # what a vanilla step reads for its weights
+    position_bytes: float = 0.0  # K/V bytes of one cached position of one sequence
 
 
 def measure(model, settings: Settings, context: int, batch: int, bandwidth: float) -> Result:
@@ -349,6 +353,16 @@ def measure(model, settings: Settings, context: int, batch: int, bandwidth: floa
     if best != settings.gamma:
         runs["best"] = run_std(model, input_ids, candidates, settings, f"StD γ={best}", gamma=best)
     runs["auto"] = run_std(model, input_ids, candidates, settings, "StD auto", gamma="auto", gamma_max=12)
+    notes = []
+    for precision in settings.draft_weights:  # the draft step at each precision: the floor table, measured
+        try:
+            std_ext.draft_weights.check_draft_weights(precision, settings.device, tensor_parallel=settings.tp > 1)
+        except ValueError as error:
+            notes.append(str(error))
+            continue
+        runs[f"draft_{precision}"] = run_std(model, input_ids, candidates, settings,
+                                             f"StD γ={settings.gamma}, {precision} draft", gamma=settings.gamma,
+                                             draft_weights=precision)
     if settings.graphs:  # the same runs without CUDA graphs: what the captured steps save
         runs["vanilla_eager"] = run_std(model, input_ids, candidates, settings, "vanilla, no graphs", mode="vanilla",
                                         cuda_graphs=False)
@@ -366,7 +380,8 @@ def measure(model, settings: Settings, context: int, batch: int, bandwidth: floa
     floors = {name: nbytes / bandwidth for name, nbytes in floors.items()}
     exactness, divergences = check_exactness(model, input_ids, runs, settings)
     kv_cache = kv_bytes(model.config, batch, context + settings.new_tokens + 1, element, tp)
-    return Result(context, batch, runs, steps, floors, agreement, best, kv_cache, exactness, divergences)
+    return Result(context, batch, runs, steps, floors, agreement, best, kv_cache, exactness, divergences, notes,
+                  weights, kv_bytes(model.config, 1, 1, element, tp))
 
 
 def check_exactness(model, input_ids, runs: dict[str, Run], settings: Settings) -> tuple[dict[str, str], list[str]]:
@@ -457,6 +472,36 @@ def computed_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def draft_weights_table(results: list[Result], settings: Settings) -> str:
+    """Draft step time per draft precision (measured) beside its floor speedup (computed)."""
+    from draft_floor import floor_speedups
+
+    lines = ["| context | batch | draft weights | draft step ms | × model-weight draft step | agreement | "
+             "accepted / round | StD ms/tok | speedup | identical | floor speedup (agreement 0.9) |",
+             "|" + "---|" * 11]
+    for r in results:
+        vanilla = r.runs["vanilla"]
+        element = torch.empty((), dtype=settings.dtype).element_size()
+        floors = floor_speedups(weight_bytes=r.weight_bytes, position_bytes=r.position_bytes, element_bytes=element,
+                                keep=settings.budget, max_new_tokens=settings.new_tokens, shapes=[(r.batch, r.context)],
+                                precisions=(None, *settings.draft_weights))
+        for precision in (None, *settings.draft_weights):
+            run = r.runs.get("std" if precision is None else f"draft_{precision}")
+            if run is None:
+                continue
+            stats = run.stats
+            step = stats.draft_s / max(stats.draft_steps, 1)
+            fraction = r.exactness.get("std" if precision is None else f"draft_{precision}", "0/1")
+            same = "yes" if len(set(fraction.split("/"))) == 1 else f"NO ({fraction})"
+            lines.append(
+                f"| {r.context} | {r.batch} | {precision or 'model'} | {_ms(step)} | {_ratio(step, r.steps['draft'])} | "
+                f"{stats.draft_agreement:.3f} | {stats.mean_accepted:.2f} | {_ms(run.per_token_s)} | "
+                f"{_ratio(vanilla.per_token_s, run.per_token_s)} | {same} | "
+                f"{floors[r.batch, r.context, precision][1]:.2f}× |")
+    notes = sorted({note for r in results for note in r.draft_weight_notes})
+    return "\n".join(lines + [""] + [f"- skipped: {note}" for note in notes])
+
+
 def memory_table(results: list[Result]) -> str:
     lines = ["| context | batch | prefill s | selection s | transformers prefill s | peak vanilla GiB | peak StD GiB | "
              "peak auto GiB | peak transformers GiB | StD adds MiB | KV cache GiB | StD adds / KV |",
@@ -519,6 +564,12 @@ def report(results: list[Result], skipped: list[str], settings: Settings, header
         "## Speedup at draft agreement a (computed from the measured step times, not measured)",
         "`(E[accepted] + 1) · t_vanilla / (γ · t_draft + t_verify)` with `E[accepted] = a (1 − a^γ) / (1 − a)`.",
         computed_table(results),
+        "## Draft weights (measured), beside the bandwidth-floor speedup of each (computed)",
+        f"StD at γ = {settings.gamma} with the draft running a quantized copy of the weights "
+        "(`draft_weights`); the verify runs the model's own, so the tokens must stay identical. "
+        "`× model-weight draft step`: this draft step over the StD γ run's (model weights) draft step. "
+        "Floor: `std_ext.budget.predicted_speedup` with `std_ext.draft_weights.read_bytes` (bench/draft_floor.py).",
+        draft_weights_table(results, settings),
         "## Prefill, selection and memory (measured)",
         "`StD adds` = peak of the StD γ run − peak of the vanilla run (each from a reset peak; the model's weights "
         "are in both).",
@@ -612,10 +663,20 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; --tiny: 1, steadier on a shared machine)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short contexts: a CPU smoke test")
+    parser.add_argument("--draft-weights", type=lambda text: tuple(v for v in text.split(",") if v), default=None,
+                        help="draft precisions also run at --gamma, comma-separated (default: fp8,int8,int4; "
+                             "--tiny: int8,int4); a precision the GPU cannot run is skipped with a note")
+    parser.add_argument("--draft-floors", action="store_true",
+                        help="print the computed bandwidth-floor table of bench/draft_floor.py and exit")
+    parser.add_argument("--cpu-smollm2", action="store_true",
+                        help="run bench/cpu_smollm2.py instead (SmolLM2 on a 7-8K document on the CPU, vanilla vs "
+                             "StD with and without draft_weights); the other options are its own (see its --help)")
     parser.add_argument("--out", help="also write the markdown report here")
     args = parser.parse_args(argv)
-    tiny_defaults = dict(contexts=[1024, 2048], batches=[1, 2], gamma=4, budget=128, new_tokens=16, threads=1)
-    full_defaults = dict(contexts=[16384, 65536, 131072], batches=[1, 8], gamma=9, budget=1024, new_tokens=128)
+    tiny_defaults = dict(contexts=[1024, 2048], batches=[1, 2], gamma=4, budget=128, new_tokens=16, threads=1,
+                         draft_weights=("int8", "int4"))
+    full_defaults = dict(contexts=[16384, 65536, 131072], batches=[1, 8], gamma=9, budget=1024, new_tokens=128,
+                         draft_weights=("fp8", "int8", "int4"))
     for name, value in (tiny_defaults if args.tiny else full_defaults).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -623,7 +684,16 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cpu-smollm2" in argv:  # a different benchmark with options of its own
+        from cpu_smollm2 import main as cpu_smollm2_main
+
+        return cpu_smollm2_main([a for a in argv if a != "--cpu-smollm2"])
     parser, args = parse_args(argv)
+    if args.draft_floors:
+        from draft_floor import main as draft_floor_main
+
+        return draft_floor_main([])
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if args.tp > 1:
         device = _init_tensor_parallel(parser, args.tp, device)
@@ -641,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         max_margins=args.max_margins, hf=args.hf, seed=args.seed, tiny=args.tiny, device=device,
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, shape=TINY if args.tiny else QWEN2_7B,
         graphs=args.graphs, pairs=args.pairs, tp=args.tp, checkpoint=args.checkpoint,
+        draft_weights=args.draft_weights,
     )
     threads = torch.get_num_threads()
     try:

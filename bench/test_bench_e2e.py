@@ -24,11 +24,14 @@ def test_tiny_run_reports_every_configuration(tmp_path, capsys):
     report = out.read_text()
     assert report.strip() == capsys.readouterr().out.strip()
     for section in ("Decode speed", "Step times over their bandwidth floors", "computed from the measured step times",
-                    "Prefill, selection and memory", "CUDA graphs on and off", "Exactness"):
+                    "Prefill, selection and memory", "CUDA graphs on and off", "Exactness", "Draft weights"):
         assert section in report, section
     rows = [line for line in report.splitlines() if re.match(r"\| 1024 \| [12] \|", line)]
-    # per batch: speed, steps, three computed rows (0.9, 0.95, measured), memory, graphs, exactness
-    assert len(rows) == 2 * 8, report
+    # per batch: speed, steps, three computed rows (0.9, 0.95, measured), memory, graphs, exactness,
+    # and the draft step with the model's weights, int8 and int4 (--tiny's draft_weights)
+    assert len(rows) == 2 * 11, report
+    drafts = [row for row in rows if re.match(r"\| 1024 \| [12] \| (model|int8|int4) \|", row)]
+    assert len(drafts) == 6 and all("| yes |" in row for row in drafts), drafts
     graphs = [row for row in rows if row.endswith("| yes |") or row.endswith("| NO |")]
     assert len(graphs) == 2 and all(row.endswith("| yes |") for row in graphs), graphs
     computed = [row for row in rows if re.match(r"\| 1024 \| [12] \| 0.95 \|", row)]

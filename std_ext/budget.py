@@ -40,7 +40,7 @@ import torch
 from .gamma import best_gamma, round_speedup
 
 __all__ = ["DEFAULT_TOLERANCE", "PRIOR_AGREEMENT", "DraftCost", "AutoBudget", "model_cost", "shape_cost",
-           "allowed_keep_bytes", "auto_budget"]
+           "allowed_keep_bytes", "auto_budget", "predicted_speedup"]
 
 DEFAULT_TOLERANCE = 0.1  # a keep set may cost a round up to 10% of its predicted speedup
 PRIOR_AGREEMENT = 0.9  # the agreement γ is chosen for under gamma="auto" (GammaController's prior)
@@ -188,3 +188,23 @@ def auto_budget(cost: DraftCost, *, prompt_len: Sequence[int], n_candidates: Seq
     keep_bytes = sum(always + reads(k, c, gamma) for always, k, c in zip(n_always, chosen, n_candidates))
     return AutoBudget(k=chosen, budgets=budgets, fraction=keep_bytes * cost.position_bytes / draft, gamma=gamma,
                       allowance=allowance)
+
+
+def predicted_speedup(cost: DraftCost, *, batch: int, context: int, keep: int, max_new_tokens: int,
+                      agreement: float = PRIOR_AGREEMENT, gamma_max: int = 12) -> tuple[int, float]:
+    """The best γ and its speedup over vanilla when every step costs its bytes (the bandwidth floor).
+
+    A draft step reads :attr:`DraftCost.draft_weights_read` plus each sequence's keep set and
+    mean generated tail (``max_new_tokens / 2``); a verify pass and a vanilla step read the
+    model's weights plus every cached position. The same prices :func:`auto_budget` uses,
+    through :func:`std_ext.gamma.best_gamma`.
+
+    Returns
+    -------
+    (int, float)
+        γ in ``1 .. gamma_max`` and its :func:`std_ext.gamma.round_speedup`.
+    """
+    tail = max_new_tokens / 2.0
+    draft = cost.draft_weights_read + batch * (keep + tail) * cost.position_bytes
+    verify = cost.weight_bytes + batch * (context + tail) * cost.position_bytes
+    return best_gamma(agreement, draft, verify, verify, gamma_max)

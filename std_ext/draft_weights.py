@@ -313,3 +313,20 @@ def prepare(model: torch.nn.Module, decoder: torch.nn.Module, precision, device:
     if precision is None or mode != "std":
         return None
     return draft_weights_for(model, decoder, precision)
+
+
+def read_bytes(weight_bytes: float, element_bytes: int, precision: str | None,
+               group: int = DEFAULT_GROUP_SIZE) -> float:
+    """Bytes one draft step reads for linear weights that take ``weight_bytes`` at the model's
+    ``element_bytes`` per weight, stored at ``precision`` (a model shape's estimate, for
+    :mod:`std_ext.budget` and the benchmarks' floor tables).
+
+    int4 adds its bfloat16 scale and zero point per ``group`` weights (``4 / group`` bytes per
+    weight); the per-row scales of int8 and fp8 (one value per output row, under 0.1% at a
+    7B shape) are left out. ``None`` reads the weights as they are.
+    """
+    if precision is None:
+        return float(weight_bytes)
+    weights = weight_bytes / element_bytes
+    per_weight = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4.0 / group}[precision]
+    return weights * per_weight
