@@ -161,6 +161,14 @@ def test_ops_work_again_after_a_fault(ops):
     assert sorted(d.tolist()) == list(range(64)) + list(range(100, 164))
 
 
+@pytest.mark.parametrize("value", ["forward", "reverse", "warp", "random:3"])
+def test_activemask_answers_the_converged_lanes(ops, schedule, value):
+    schedule(value)
+    (answers,) = run(ops, "activemask")
+    # 40 positions over 32 lanes: lanes 0-7 run a second round alone
+    assert answers.tolist() == [0xFF] * 8 + [-1] * 24
+
+
 # ----------------------------------------------------------------------------- launches
 
 

@@ -351,12 +351,8 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, STD_EXT_EMU_SITE) {
   std_ext::emu::rendezvous("__syncwarp", mask, {file, line}, nullptr, &std_ext::emu::complete_nothing);
 }
 
-// The warp's lanes that have not exited. (The hardware answers the lanes converged at
-// the call; the kernels call it only in converged code, where the two agree.)
-inline unsigned __activemask() {
-  const std_ext::emu::Fiber* f = std_ext::emu::self();
-  return f->block->warps[f->warp].live;
-}
+// The lanes of the warp converged at this call (machine.h, converge()).
+inline unsigned __activemask(STD_EXT_EMU_SITE) { return std_ext::emu::converge({file, line}); }
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, STD_EXT_EMU_SITE) {

@@ -139,7 +139,7 @@ inline std::string hex_mask(uint32_t mask) {
 
 // ---------------------------------------------------------------- state
 
-enum class WaitKind : uint8_t { kNone, kBarrier, kCollective, kDependency };
+enum class WaitKind : uint8_t { kNone, kBarrier, kCollective, kDependency, kConverge };
 
 struct PendingCopy {
   unsigned char* dst;
@@ -163,6 +163,7 @@ struct Fiber {
   const char* what = nullptr;  // the operation it waits at
   std::vector<PendingCopy> copies;
   int64_t committed = 0;
+  uint32_t active_mask = 0;  // __activemask's answer
 };
 
 using Completion = void (*)(void* const* io, uint32_t mask);
@@ -180,6 +181,8 @@ struct WarpState {
   uint32_t live = 0;    // lanes that have not exited
   std::vector<Collective> pending;
   void* io[32] = {};
+  // __activemask call sites with the lanes waiting there (see converge()).
+  std::vector<std::pair<Site, uint32_t>> converging;
 };
 
 struct Grid {
@@ -249,11 +252,13 @@ struct Block {
 inline Fiber* self() { return static_cast<Fiber*>(current_slot_owner()); }
 
 inline Fiber* pick(Block& b);
+inline void settle_converging(Block& b, int warp);
 
 // Switches straight to the next fiber the schedule picks (half the switches of a round
 // trip through the scheduler); to the scheduler when none can run or the grid failed.
 inline void yield(Fiber* f) {
   Block& b = *f->block;
+  if (!b.warps[f->warp].converging.empty()) settle_converging(b, f->warp);
   Fiber* next = b.grid->failed.load(std::memory_order_relaxed) ? nullptr : pick(b);
   if (next == nullptr) {
     std_ext_emu_switch(&f->sp, b.scheduler_sp);
@@ -391,6 +396,48 @@ inline void rendezvous(const char* name, uint32_t mask, Site site, void* io, Com
   f->site = site;
   f->what = name;
   yield(f);
+}
+
+// __activemask: the lanes of the warp converged at this call. A lane waits at the call
+// site until every other live lane of its warp is either there too or blocked elsewhere
+// (a barrier, a collective, another site, exited); the answer is the lanes at the site.
+// Lanes that left a loop early and wait at a later barrier are not converged with the
+// ones still in it, as on the hardware.
+inline uint32_t converge(Site site) {
+  Fiber* f = self();
+  Block& b = *f->block;
+  WarpState& w = b.warps[f->warp];
+  std::pair<Site, uint32_t>* group = nullptr;
+  for (auto& g : w.converging) {
+    if (same_site(g.first, site)) group = &g;
+  }
+  if (group == nullptr) {
+    w.converging.emplace_back(site, 0u);
+    group = &w.converging.back();
+  }
+  group->second |= 1u << f->lane;
+  f->wait = WaitKind::kConverge;
+  f->site = site;
+  f->what = "__activemask";
+  yield(f);
+  return f->active_mask;
+}
+
+// Answers the warp's waiting __activemask calls once none of its lanes can run.
+inline void settle_converging(Block& b, int warp) {
+  WarpState& w = b.warps[warp];
+  for (int lane = 0; lane < 32; ++lane) {
+    if ((w.live >> lane & 1u) && b.fibers[warp * 32 + lane]->runnable) return;
+  }
+  for (const auto& group : w.converging) {
+    for (int lane = 0; lane < 32; ++lane) {
+      if (!(group.second >> lane & 1u)) continue;
+      Fiber* f = b.fibers[warp * 32 + lane];
+      f->active_mask = group.second;
+      make_runnable(b, f);
+    }
+  }
+  w.converging.clear();
 }
 
 // ---------------------------------------------------------------- thread exit

@@ -137,6 +137,19 @@ __global__ void order_kernel(int* order, int* counter) {
   order[atomicAdd(counter, 1)] = 100 + threadIdx.x;
 }
 
+// A loop whose last round only lanes 0..n-33 of the warp enter: __activemask() there must
+// answer those lanes (they are the converged ones), and a __match_any_sync over it must not
+// wait for the others. out[lane] = the last round's answer.
+__global__ void activemask_kernel(uint32_t* out, int n) {
+  uint32_t last = 0;
+  for (int i = threadIdx.x; i < n; i += 32) {
+    const unsigned mask = __activemask();
+    last = __match_any_sync(mask, i / 32) == mask ? mask : 0;
+  }
+  __syncthreads();
+  out[threadIdx.x] = last;
+}
+
 __global__ void primary_kernel(int* data) { data[blockIdx.x * blockDim.x + threadIdx.x] = 1; }
 
 // Reads the primary's output (with or without waiting for the primary grid first).
@@ -245,6 +258,11 @@ std::vector<at::Tensor> self_test(const std::string& name, const std::vector<at:
     at::Tensor counter = ints({1});
     run(order_kernel, 1, 64, 0, order.mutable_data_ptr<int>(), counter.mutable_data_ptr<int>());
     return {order};
+  }
+  if (name == "activemask") {
+    at::Tensor out = ints({32});
+    run(activemask_kernel, 1, 32, 0, reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int>()), 40);
+    return {out};
   }
   if (name == "dependent" || name == "dependent_no_wait") {
     // A primary grid of 8 blocks writes 1s; the dependent grid (a programmatic dependent
