@@ -82,12 +82,11 @@ class Fixes:
 
     verify_occupancy: bool = False  # item 1: the 8-warp rows variant as resident as the keys variant
     empty_splits_exit: bool = False  # item 2: a split with no tile writes only lse = -inf; the merge skips it
-    sparse_splits_from_list: bool = False  # item 2: sparse sizes its splits from keep set + tail
     prologue_overlap: bool = False  # item 3: K/V tiles issued before Q is staged (one round trip, not two)
     fused_merge: bool = False  # item 4: the last block of a (sequence, KV head) merges: one launch
 
 
-ALL_FIXES = Fixes(True, True, True, True, True)
+ALL_FIXES = Fixes(True, True, True, True)
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,6 @@ def predict_decode(call: DecodeCall, gpu: Gpu = H100, fixes: Fixes = Fixes()) ->
         call.batch, call.kv_heads, call.qn, call.group, call.keep if sparse else 0, gpu.sms, keys_bps)
     list_len = (tail_offset + call.tail) if sparse else call.context
     tiles = math.ceil(list_len / TILE_KEYS) if list_len > 0 else 0
-    if sparse and fixes.sparse_splits_from_list:
-        splits = max(1, min(splits, tiles))  # the draft is not bound by bit-exactness
     busy = min(splits, tiles)
     tiles_per_split = math.ceil(tiles / splits) if tiles else 0
 
@@ -228,10 +225,9 @@ KEY_SHAPES = (
 
 FIX_STEPS = (
     ("today", Fixes()),
-    ("+ verify occupancy", Fixes(verify_occupancy=True)),
-    ("+ empty splits exit", Fixes(verify_occupancy=True, empty_splits_exit=True, sparse_splits_from_list=True)),
-    ("+ prologue overlap", Fixes(verify_occupancy=True, empty_splits_exit=True, sparse_splits_from_list=True,
-                                 prologue_overlap=True)),
+    ("+ empty splits exit", Fixes(empty_splits_exit=True)),
+    ("+ prologue overlap", Fixes(empty_splits_exit=True, prologue_overlap=True)),
+    ("+ verify occupancy", Fixes(empty_splits_exit=True, prologue_overlap=True, verify_occupancy=True)),
     ("+ one launch", ALL_FIXES),
 )
 
