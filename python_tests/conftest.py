@@ -40,7 +40,7 @@ def pytest_configure(config):
         "markers", "std_ops(*names): std ops a test calls (cuda skips until they have a CUDA kernel)"
     )
     config.addinivalue_line(
-        "markers", "emulated_subset(*cases, **allowed): with the `kernels` fixture, the cases the emulated "
+        "markers", "emulator_subset(*cases, **allowed): with the `kernels` fixture, the cases the emulated "
         "backend runs (param=value or tuple of values; any of the dicts in cases); the others skip as GPU-only",
     )
 
@@ -260,7 +260,7 @@ def ctx_lengths(name, Qn):
 #   "emulated": the same kernel sources and glue compiled against the CPU emulator of the
 #               SIMT machine (csrc/emulator/, torch.ops.std_emulated.*), on CPU tensors, at
 #               small shapes (kernels.pick) and on a subset of the big grids
-#               (@pytest.mark.emulated_subset). It skips when the emulator cannot be built
+#               (@pytest.mark.emulator_subset). It skips when the emulator cannot be built
 #               here, unless STD_EXT_REQUIRE_EMULATOR=1 (CI), where that is an error.
 # `pytest -k emulated` selects exactly the emulated cases (their id holds "emulated").
 
@@ -342,11 +342,11 @@ def _matches(params, allowed):
     return all(ok(params[name], spec) for name, spec in allowed.items() if name in params)
 
 
-def _in_emulated_subset(node):
-    """Whether the emulated backend runs this case: `@pytest.mark.emulated_subset(*cases, **allowed)`;
+def _in_emulator_subset(node):
+    """Whether the emulated backend runs this case: `@pytest.mark.emulator_subset(*cases, **allowed)`;
     a case runs when its parameters match `allowed` and (if any are given) one of `cases`
     (dicts of the same form). Without the marker every case runs."""
-    marker = node.get_closest_marker("emulated_subset")
+    marker = node.get_closest_marker("emulator_subset")
     callspec = getattr(node, "callspec", None)
     if marker is None or callspec is None:
         return True
@@ -359,7 +359,7 @@ def kernels(request):
     if request.param == "cuda":
         skip_without_cuda_kernels(request)
         return KernelBackend("cuda", "cuda", std_ext.ops)
-    if not _in_emulated_subset(request.node):
+    if not _in_emulator_subset(request.node):
         pytest.skip(EMULATED_SUBSET_REASON)
     return _load_emulated_backend()
 

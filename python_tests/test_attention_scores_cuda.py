@@ -137,7 +137,7 @@ def test_gpu_reference_matches_reference_py(kernels, gen):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.emulated_subset(T=(1, 16, 64), G=(1, 7))
+@pytest.mark.emulator_subset(T=(1, 16, 64), G=(1, 7))
 @pytest.mark.parametrize("T", [1, 16, 64, 256, 512])
 @pytest.mark.parametrize("G", [1, 4, 6, 7, 8])
 @pytest.mark.parametrize("D", [64, 128])

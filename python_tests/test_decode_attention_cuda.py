@@ -2,7 +2,7 @@
 backends (the conftest `kernels` fixture): "cuda", the kernels on a GPU (skips without
 one), and "emulated", the same kernel sources and glue run by the CPU emulator of the SIMT
 machine on CPU tensors, at small shapes (`kernels.pick`) and on a subset of the big grids
-(`emulated_subset`: the rest skip as GPU-only there).
+(`emulator_subset`: the rest skip as GPU-only there).
 
 The CPU-and-CUDA tests in test_dense_attention.py / test_sparse_attention.py cover the
 shared parametrization; this file adds what only matters on the GPU kernel: long
@@ -114,7 +114,7 @@ def reference(op, *args):
 # ----------------------------------------------------------------------------- accuracy
 
 
-@pytest.mark.emulated_subset(dict(Qn=1), dict(Qn=10, dtype=torch.bfloat16), context=65536)
+@pytest.mark.emulator_subset(dict(Qn=1), dict(Qn=10, dtype=torch.bfloat16), context=65536)
 @pytest.mark.parametrize("Qn", [1, 10])
 @pytest.mark.parametrize("context", [65536, 262144])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -131,7 +131,7 @@ def test_dense_long_context(kernels, dtype, context, Qn):
     assert_attention_output(out, q, dense_ref_gpu(q, k, v, kv, 1.5 * 128**-0.5))
 
 
-@pytest.mark.emulated_subset(dict(Qn=1), dict(Qn=10, dtype=torch.float16), keep=1024)
+@pytest.mark.emulator_subset(dict(Qn=1), dict(Qn=10, dtype=torch.float16), keep=1024)
 @pytest.mark.parametrize("Qn", [1, 10])
 @pytest.mark.parametrize("keep", [1024, 2048])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -149,7 +149,7 @@ def test_sparse_long_context(kernels, dtype, keep, Qn):
     assert_attention_output(out, q, sparse_ref_gpu(*args, 128**-0.5))
 
 
-@pytest.mark.emulated_subset(dict(Qn=1, G=(1, 8)), dict(Qn=20, G=7, D=64, dtype=torch.bfloat16),
+@pytest.mark.emulator_subset(dict(Qn=1, G=(1, 8)), dict(Qn=20, G=7, D=64, dtype=torch.bfloat16),
                              dict(Qn=20, G=7, D=128, dtype=torch.float16), dict(Qn=10, G=8, D=128))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
@@ -166,7 +166,7 @@ def test_dense_batch8_ragged(kernels, gen, Qn, G, D, dtype):
     assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, D**-0.5))
 
 
-@pytest.mark.emulated_subset(dict(Qn=1, G=(1, 8)), dict(Qn=16, G=7, D=64, dtype=torch.float16),
+@pytest.mark.emulator_subset(dict(Qn=1, G=(1, 8)), dict(Qn=16, G=7, D=64, dtype=torch.float16),
                              dict(Qn=16, G=7, D=128, dtype=torch.bfloat16), dict(Qn=10, G=8, D=128))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
@@ -260,7 +260,7 @@ def assert_bitwise_equal(got, want, what):
     assert torch.equal(got, want), f"{what} differ: max |diff| {(got.float() - want.float()).abs().max():.3g}"
 
 
-@pytest.mark.emulated_subset(dict(S=40000, G=7, Qn=10, D=128), dict(S=100, G=(1, 7), D=64))
+@pytest.mark.emulator_subset(dict(S=40000, G=7, Qn=10, D=128), dict(S=100, G=(1, 7), D=64))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G, Qn", [(1, 10), (7, 10), (8, 16), (6, 10), (7, 20)])
@@ -274,7 +274,7 @@ def test_dense_rows_bitwise_equal_single_query_calls(kernels, gen, S, G, Qn, D, 
     assert_bitwise_equal(full, single_row_calls(kernels, "dense_attention", q, (k, v), kv_len, Qn), "rows")
 
 
-@pytest.mark.emulated_subset(dict(N=2048, G=7, dtype=torch.bfloat16), dict(N=16, G=(1, 8), dtype=torch.float16))
+@pytest.mark.emulator_subset(dict(N=2048, G=7, dtype=torch.bfloat16), dict(N=16, G=(1, 8), dtype=torch.float16))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("G, Qn", [(1, 10), (7, 10), (8, 16)])
 @pytest.mark.parametrize("N", [16, 2048])
@@ -448,7 +448,7 @@ def decode_layout(value):
             os.environ["STD_EXT_DECODE_LAYOUT"] = old
 
 
-@pytest.mark.emulated_subset(dict(capacity=4096 - 7, Qn=1), dict(capacity=200, Qn=10))
+@pytest.mark.emulator_subset(dict(capacity=4096 - 7, Qn=1), dict(capacity=200, Qn=10))
 @pytest.mark.parametrize("op", ["dense_attention", "sparse_attention"])
 @pytest.mark.parametrize("Qn", [1, 10])
 @pytest.mark.parametrize("capacity", [200, 4096 - 7, 4096, 8192 + 63, 40000])  # 40000: left out of memcheck
@@ -474,7 +474,7 @@ def test_capacity_change_of_up_to_13_is_bitwise_invisible(kernels, gen, op, Qn, 
     assert_attention_output(outs[0], q, reference(op, q, k, v, *extra, kv, 128**-0.5))
 
 
-@pytest.mark.emulated_subset(dict(Qn=1, G=7), dict(Qn=2, G=8, D=128))
+@pytest.mark.emulator_subset(dict(Qn=1, G=7), dict(Qn=2, G=8, D=128))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Qn, G", [(1, 1), (1, 4), (1, 7), (1, 8), (1, 16), (2, 8)])
@@ -504,7 +504,7 @@ def test_bad_layout_variable_is_named(kernels, gen, monkeypatch):
         kernels.ops.dense_attention(q, k, v, ints([20], kernels.device))
 
 
-@pytest.mark.emulated_subset(Qn=(1,))
+@pytest.mark.emulator_subset(Qn=(1,))
 @pytest.mark.parametrize("Qn", [1, 10])
 def test_merge_of_256_splits(kernels, Qn):
     """One sequence, one KV head: 256 splits (the most) at 40K positions (emulated: 16,500,
@@ -518,7 +518,8 @@ def test_merge_of_256_splits(kernels, Qn):
 
 
 # (batch, KV heads, longest kv_len) -> splits per (sequence, KV head) with 132 SMs x 2 blocks
-# (an H100, D = 128; checked against decode_split_plan below).
+# (an H100, D = 128; checked against decode_split_plan below). With one block per SM (an
+# sm_80-sized shared memory, STD_EXT_EMULATOR_ARCH=80) they are 1, 1, 4 and 132.
 SPLIT_CASES = {1: (67, 4, 150), 2: (33, 4, 200), 8: (4, 8, 700), 256: (1, 1, 16500)}
 
 
@@ -539,7 +540,7 @@ def test_split_counts_bitwise_and_merged(kernels, gen, splits):
     assert_bitwise_equal(out, single_row_calls(kernels, "dense_attention", q, (k, v), kv_len, Qn), "rows")
 
 
-@pytest.mark.emulated_subset(tail=(1, 64, 1000))
+@pytest.mark.emulator_subset(tail=(1, 64, 1000))
 @pytest.mark.parametrize("tail", [1, 64, 1000, 5000])
 def test_sparse_long_draft_tails(kernels, tail):
     """Tails of up to 5000 generated positions (their tiles spread over the splits);

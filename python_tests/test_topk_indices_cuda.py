@@ -15,46 +15,25 @@ kernel forgets to write fails the comparison.
 
 import pytest
 import torch
-from conftest import is_emulated_case, requires_cuda
+from conftest import requires_cuda
+from reference import topk_indices_ref
 
 pytestmark = pytest.mark.std_ops("topk_indices")
 
 NAN, INF = float("nan"), float("inf")
 # S from 1 to 256K: short rows, a row one past the 4096 short-row block size, and rows
 # long enough to be split over several blocks. On the emulator the long rows are shorter
-# but still split: 17508 = two slices of 9216 / 8292 positions (512 threads x 8 per round:
-# the last round of the second slice stops inside a warp, lane 4 of warp 3), and 27000 =
-# three slices (the last stops inside warp 11).
+# but still split (plan_topk_indices, 132 SMs): 20001 = two slices of 10240 / 9761 positions;
+# 17508 = two slices of 9216 / 8292 (512 threads x 8 per round: the last round of the second
+# slice stops inside a warp, lane 4 of warp 3); 27000 = three slices (the last stops inside
+# warp 11).
 LENGTHS = (1, 2, 7, 1000, 4097, 65536, 262144)
-EMULATED_LONG = 17508
+EMULATED_LONG = 20001
+EMULATED_LONG_SPLIT_WARP = 17508
 EMULATED_THREE_SLICES = 27000
 KS = (1, 17, 1024, 4096)
 DISTS = ("random", "ties", "all_equal", "signed_zeros", "nan_inf")
 MASKS = ("all", "holes", "sparse")
-
-
-# Known emulator gap (reported; the kernel is right on the hardware): the emulator's
-# __activemask() answers every live lane of the warp, where the hardware answers the lanes
-# converged at the call. accumulate_first_histogram calls __match_any_sync(__activemask(), ..)
-# in a loop whose last round only some lanes of a warp enter (rows shorter than a warp, and
-# the long rows here, which stop inside a warp on purpose), so the emulator reports a
-# deadlock (RuntimeError) in exactly these cases. Strict: they fail loudly once the emulator
-# answers like the hardware (then delete this), and a wrong value (AssertionError) fails now.
-_ACTIVEMASK_GAP_TESTS = ("test_row_shapes_long", "test_many_long_rows_one_block_each", "test_hand_case",
-                         "test_matches_torch_topk_on_distinct_scores")
-_ACTIVEMASK_GAP_LENGTHS = ("test_matches_cpu", "test_fewer_candidates_than_k", "test_noncontiguous_scores")
-
-
-@pytest.fixture(autouse=True)
-def emulator_activemask_gap(request):
-    item = request.node
-    if not is_emulated_case(item):
-        return
-    S = item.callspec.params.get("S")
-    if item.originalname in _ACTIVEMASK_GAP_TESTS or (
-            item.originalname in _ACTIVEMASK_GAP_LENGTHS and S in (1, 2, 7, 65536)):
-        item.add_marker(pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                          reason="emulator __activemask() gap: deadlock at __match_any_sync"))
 
 
 def make_scores(shape, dist, gen):
@@ -92,6 +71,8 @@ def long_row(kernels, S):
 
 
 def assert_matches_cpu(kernels, scores, cand, k):
+    """The backend's output equals the CPU kernel's (and, for small inputs, the float64
+    reference.topk_indices_ref's) bit for bit. Returns it."""
     out = kernels.ops.topk_indices(scores, cand, k)
     ref = torch.ops.std.topk_indices(scores.cpu(), cand.cpu(), k)
     B, H, _ = scores.shape
@@ -104,6 +85,8 @@ def assert_matches_cpu(kernels, scores, cand, k):
         raise AssertionError(
             f"first mismatch at {where}: {kernels.name} row {got[b, h, :12].tolist()}... cpu row {ref[b, h, :12].tolist()}..."
         )
+    if scores.numel() <= 6000:
+        assert torch.equal(got, topk_indices_ref(scores, cand, k)), "the CPU kernel and reference.py disagree"
     return out
 
 
@@ -111,12 +94,12 @@ def k_values(S):
     return sorted({k for k in KS if k <= S} | {S})
 
 
-@pytest.mark.emulated_subset(S=(1, 2, 7, 1000, 4097, 65536))
+@pytest.mark.emulator_subset(S=(1, 2, 7, 1000, 4097, 65536))
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("S", LENGTHS)
 def test_matches_cpu(kernels, gen, S, dist, mask):
-    """Emulated: S 65536 runs as 17508 (two slices per row)."""
+    """Emulated: S 65536 runs as 20001 (two slices per row)."""
     B, H, S = 2, 3, long_row(kernels, S)
     scores = make_scores((B, H, S), dist, gen).to(kernels.device)
     cand = make_candidates(B, S, mask, gen).to(kernels.device)
@@ -126,8 +109,9 @@ def test_matches_cpu(kernels, gen, S, dist, mask):
 
 @pytest.mark.parametrize("S", (7, 4097, 65536))
 def test_fewer_candidates_than_k(kernels, gen, S):
-    """k > #candidates: every candidate ascending, then -1; an all-False row is all -1."""
-    B, H, S = 3, 2, long_row(kernels, S)
+    """k > #candidates: every candidate ascending, then -1; an all-False row is all -1
+    (emulated: S 65536 runs as 17508, two slices, the last round inside a warp)."""
+    B, H, S = 3, 2, kernels.pick(cuda=S, emulated=min(S, EMULATED_LONG_SPLIT_WARP))
     scores = make_scores((B, H, S), "random", gen).to(kernels.device)
     cand = torch.zeros(B, S, dtype=torch.bool)
     cand[0, torch.randperm(S, generator=gen)[: max(1, S // 3)]] = True
@@ -157,7 +141,7 @@ def test_k_zero(kernels, gen, S):
     assert out.shape == (2, 3, 0) and out.dtype == torch.int32 and out.device == scores.device
 
 
-@pytest.mark.emulated_subset(B=(1, 2))
+@pytest.mark.emulator_subset(B=(1, 2))
 @pytest.mark.parametrize("dist", ("random", "ties"))
 @pytest.mark.parametrize("B,H", [(1, 1), (2, 3), (28, 4)], ids=lambda v: str(v))
 def test_row_shapes_long(kernels, gen, B, H, dist):
