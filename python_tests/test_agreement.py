@@ -60,6 +60,27 @@ def test_rounds_equal_the_engines(case, records, policy):
         assert r.acceptance_by_position == pytest.approx(stats.acceptance_by_position, abs=1e-12)
 
 
+@pytest.mark.parametrize("policy", ["question", "refresh"])
+def test_the_precision_axis_equals_the_engines(case, policy):
+    """draft_weights: each precision's rounds (replayed, or the engine's) are generate's with that
+    draft precision; the records carry the draft's weight bytes (int4 well under the model's)."""
+    model, input_ids, attention_mask, candidates, extra = case
+    records = measure_agreement(model, input_ids, attention_mask, candidate_mask=candidates, budgets=[24],
+                                gammas=[3], policies=[policy], max_new_tokens=MAX_NEW, eos_token_id=EARLY_EOS,
+                                draft_weights=[None, "int4"], **extra)
+    assert [r.draft_weights for r in records] == [None, "int4"]
+    own, int4 = records
+    assert int4.draft_weight_bytes < own.draft_weight_bytes / 4 < own.draft_weight_bytes
+    assert int4.draft_total_bytes == pytest.approx(int4.draft_weight_bytes + 3 * int4.draft_kv_bytes)
+    for r in records:
+        stats = std_ext.generate(model, input_ids, attention_mask, candidate_mask=candidates, gamma=3, budget=24,
+                                 selection=policy, max_new_tokens=MAX_NEW, eos_token_id=EARLY_EOS,
+                                 draft_weights=r.draft_weights, **extra).stats
+        assert r.mean_accepted == pytest.approx(stats.mean_accepted, abs=1e-12), r.draft_weights
+        assert r.acceptance_by_position == pytest.approx(stats.acceptance_by_position, abs=1e-12)
+    assert own.acceptance_by_position != int4.acceptance_by_position  # the copy really drafted
+
+
 def test_static_agreement_does_not_depend_on_gamma(records):
     for policy in ("question", "recent", "oracle"):
         for budget in (24, 48):

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from . import budget as budget_model
+from . import draft_weights as draft_weights_module
 from . import ops
 from .attention import ForwardStep
 from .cache import StaticCache
@@ -91,6 +92,9 @@ class AgreementRecord:
     draft_positions : mean cache positions one draft step reads per (sequence, KV head, layer):
         kept positions plus scoring reads (keys count half), the generated tail left out
     draft_kv_bytes : ``draft_positions`` in bytes over all layers and KV heads, per sequence
+    draft_weights : the precision the draft's linear layers ran at (None: the model's own)
+    draft_weight_bytes : weight bytes one draft step reads at that precision (once per batch);
+        ``draft_total_bytes`` adds the batch's KV reads
     """
 
     policy: str
@@ -105,6 +109,14 @@ class AgreementRecord:
     kept: float = 0.0
     draft_positions: float = 0.0
     draft_kv_bytes: float = 0.0
+    draft_weights: str | None = None
+    draft_weight_bytes: float = 0.0
+    batch: int = 1
+
+    @property
+    def draft_total_bytes(self) -> float:
+        """What one draft step reads over the batch: its weights plus every sequence's keep-set reads."""
+        return self.draft_weight_bytes + self.batch * self.draft_kv_bytes
 
 
 @torch.no_grad()
@@ -122,6 +134,7 @@ def measure_agreement(
     eos_token_id: int | Sequence[int] | None = None,
     progress: bool = False,
     configs: Sequence[tuple[str, int | str]] | None = None,
+    draft_weights: Sequence[str | None] = (None,),
     **model_inputs,
 ) -> list[AgreementRecord]:
     """Greedy draft agreement and accepted drafts per round for every configuration.
@@ -134,6 +147,8 @@ def measure_agreement(
     policies : among :data:`POLICIES`
     max_new_tokens : answer tokens per prompt (rounds stop there or at EOS, as in ``generate``)
     configs : (policy, budget) pairs to measure instead of every policy x every budget
+    draft_weights : draft precisions (:mod:`std_ext.draft_weights`; None: the model's own weights),
+        each measured over every configuration: the precision axis of the bytes a draft reads
 
     Returns
     -------
@@ -160,20 +175,24 @@ def measure_agreement(
     candidate_mask = candidate_mask & attention_mask.bool()
     run = _Measurement(adapter, input_ids, attention_mask, candidate_mask, max(gammas), max_new_tokens, eos_ids,
                        pad_id, window, model_inputs)
-    bar = _bar(progress, len(configs))
+    for precision in draft_weights:
+        draft_weights_module.check_draft_weights(precision, input_ids.device)
+    bar = _bar(progress, len(configs) * len(draft_weights))
     records = []
     with adapter.std_attention():
         run.prefill_and_answer()
-        for policy, budget in configs:
-            if policy in STATIC_POLICIES:
-                runs, plan, selection = run.draft_runs(policy, budget)
-                for gamma in gammas:
-                    record = run.rounds_from_runs(runs, policy, budget, gamma)
-                    records.append(run.with_bytes(record, plan, selection))
-            else:
-                records += [run.engine_rounds(policy, budget, gamma) for gamma in gammas]
-            if bar is not None:
-                bar.update(1)
+        for precision in draft_weights:
+            run.use_draft_weights(precision)
+            for policy, budget in configs:
+                if policy in STATIC_POLICIES:
+                    runs, plan, selection = run.draft_runs(policy, budget)
+                    for gamma in gammas:
+                        record = run.rounds_from_runs(runs, policy, budget, gamma)
+                        records.append(run.with_bytes(record, plan, selection))
+                else:
+                    records += [run.engine_rounds(policy, budget, gamma) for gamma in gammas]
+                if bar is not None:
+                    bar.update(1)
     if bar is not None:
         bar.close()
     return records
@@ -197,6 +216,15 @@ class _Measurement:
                                           width + self.horizon + gamma_max + 2, dtype, self.device)
         self.timer = _PhaseTimer(self.device)
         self.warp = _Warp(False, 1.0, None, None, None)
+        self.draft_weights = None  # the DraftWeights the draft steps run (None: the model's own)
+        self.weight_bytes = budget_model.model_cost(adapter, dtype).weight_bytes
+
+    def use_draft_weights(self, precision: str | None) -> None:
+        """Draft with ``precision``'s copy of the weights from now on (None: the model's own)."""
+        model = self.adapter.model
+        self.draft_weights = (None if precision is None else
+                              draft_weights_module.draft_weights_for(model, self.adapter.decoder, precision))
+        self.decoder.steps.use_draft_weights(self.draft_weights)
 
     def prefill_and_answer(self) -> None:
         """Dense prefill, then the dense greedy answer, decoded past EOS up to the horizon."""
@@ -263,8 +291,13 @@ class _Measurement:
         positions = sum(reads) / len(reads)
         element = self.cache.keys.element_size()
         position_bytes = 2 * self.adapter.num_layers * self.adapter.num_kv_heads * self.adapter.head_dim * element
+        weights = self.weight_bytes
+        if self.draft_weights is not None:
+            weights += self.draft_weights.weight_bytes - self.draft_weights.original_bytes
         return dataclasses.replace(record, kept=sum(plan.budgets) / len(plan.budgets), draft_positions=positions,
-                                   draft_kv_bytes=positions * position_bytes)
+                                   draft_kv_bytes=positions * position_bytes,
+                                   draft_weights=None if self.draft_weights is None else self.draft_weights.precision,
+                                   draft_weight_bytes=float(weights), batch=len(reads))
 
     def draft_runs(self, policy: str, budget: int | str) -> tuple[torch.Tensor, _KeepPlan, SelectionPolicy]:
         """long ``[B, max_new]``: drafts matching the answer in a chain starting at each position (≤ γ_max);
@@ -327,7 +360,8 @@ class _Measurement:
                        budget, gamma=self.gamma_max, max_new_tokens=self.max_new)
         stats = GenerationStats("std", gamma, budget)
         decoder = _Decoder(self.adapter, self.cache, selection, self.warp, gamma, self.eos_ids, self.pad_id,
-                           self.max_new, self.rope_delta, self.prompt_len, self.timer, stats)
+                           self.max_new, self.rope_delta, self.prompt_len, self.timer, stats,
+                           draft_weights=self.draft_weights)
         tokens = decoder.run(self.first, False).tolist()
         self._restore()
         for b, length in enumerate(self.answer_len):

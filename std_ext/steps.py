@@ -66,6 +66,13 @@ class StepRunner:
         self.graph_bytes = 0  # device memory the captures reserved
         self.current: ForwardStep | None = None  # the step running or last run (policies read it mid-forward)
 
+    def use_draft_weights(self, draft_weights) -> None:
+        """Run later draft steps with ``draft_weights`` (a DraftWeights, or None); the draft steps
+        built (or captured) with other weights are dropped, since their function holds those."""
+        if draft_weights is not self.draft_weights:
+            self.draft_weights = draft_weights
+            self.steps = {key: step for key, step in self.steps.items() if key[0] != "sparse"}
+
     @property
     def captured(self) -> int:
         """Graphs captured so far."""
