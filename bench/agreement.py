@@ -33,6 +33,7 @@ from collections import defaultdict
 import torch
 
 from std_ext import budget as budget_model
+from std_ext import draft_weights as dw
 from std_ext import smollm2
 from std_ext.agreement import POLICIES, AgreementRecord, measure_agreement
 from std_ext.selection import make_policy
@@ -171,6 +172,51 @@ def plot(records: list[AgreementRecord], gamma: int, path: str, title: str) -> N
     figure.savefig(path, dpi=110)
 
 
+def precision_table(records: list[AgreementRecord], gamma: int) -> str:
+    """Per (policy, budget, draft precision): agreement and accepted drafts against the draft
+    step's *total* bytes (weights at the precision + the batch's keep-set reads)."""
+    lines = ["| policy | budget | draft weights | weights MB | KV MB (batch) | total MB | agreement | "
+             f"accepted / round (γ {gamma}) |", "|" + "---|" * 8]
+    for r in records:
+        if r.gamma != gamma:
+            continue
+        first = next(x for x in records if (x.policy, x.budget, x.draft_weights) == (r.policy, r.budget, r.draft_weights))
+        lines.append(f"| {r.policy} | {r.budget} | {r.draft_weights or 'model'} | {r.draft_weight_bytes / MB:.1f} | "
+                     f"{r.batch * r.draft_kv_bytes / MB:.1f} | {r.draft_total_bytes / MB:.1f} | {first.agreement:.3f} | "
+                     f"{r.mean_accepted:.2f} |")
+    return "\n".join(lines)
+
+
+def precision_plot(records: list[AgreementRecord], gamma: int, path: str, title: str) -> None:
+    """PNG: agreement and accepted drafts at ``gamma`` against the draft step's total MB, one line per
+    (policy, precision) over the budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = dict.fromkeys((r.policy, r.draft_weights) for r in records)
+    for policy, precision in series:
+        points = sorted((r.draft_total_bytes / MB, r.agreement, r.mean_accepted) for r in records
+                        if (r.policy, r.draft_weights, r.gamma) == (policy, precision, gamma)
+                        and isinstance(r.budget, int))
+        if not points:
+            continue
+        label = f"{policy}, {precision or 'model'} weights"
+        axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axes[1].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
+    for axis, label in zip(axes, ["per-token agreement", f"accepted drafts per round, γ = {gamma}"]):
+        axis.set_xscale("log")
+        axis.set_xlabel("draft-step MB over the batch (weights at the draft's precision + keep-set reads)")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 # Qwen2-7B's text decoder (bench/e2e.py's shape), bf16: what a draft step reads per forward
 QWEN2_7B = dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, head_dim=128, vocab=152064)
 
@@ -248,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (2 pairs, 512-token documents)")
     parser.add_argument("--out", help="also write the markdown report here")
     parser.add_argument("--plot", help="also draw agreement / accepted drafts against draft-step bytes (PNG)")
+    parser.add_argument("--draft-weights", nargs="+", default=["model"], choices=["model", *dw.PRECISIONS],
+                        help="draft precisions measured (the precision axis; 'model': the model's own weights)")
+    parser.add_argument("--precision-plot", help="also draw agreement / accepted drafts against the draft step's "
+                                                 "total bytes (weights + KV), per precision (PNG)")
     parser.add_argument("--grid", nargs="+", metavar="POLICY=B,B,...",
                         help="per-policy budgets (e.g. question=512,1024,auto oracle=256) instead of policies x budgets")
     args = parser.parse_args(argv)
@@ -270,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     records = measure_agreement(
         model, input_ids, attention_mask, candidate_mask=candidate_mask, budgets=args.budgets, gammas=args.gammas,
         policies=args.policies, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, progress=True,
-        configs=configs,
+        configs=configs, draft_weights=[None if p == "model" else p for p in args.draft_weights],
     )
     elapsed = time.perf_counter() - began
+    all_records = records
+    records = [r for r in all_records if r.draft_weights == all_records[0].draft_weights]  # the first precision
     gammas = sorted(set(args.gammas))
     rate_gamma = 9 if 9 in gammas else gammas[-1]
     heading = (
@@ -302,10 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     if policies:
         parts += ["budget='auto' for a Qwen2-7B-shaped video LLM (bf16, 64 text tokens, 256 new tokens), computed "
                   "from std_ext.budget's cost model (no model run):", qwen_auto_table(policies)]
+    if len(args.draft_weights) > 1:
+        parts += [f"The precision axis (γ = {rate_gamma}): the draft's linear layers at each precision; bytes per "
+                  "draft step over the batch, weights read once:", precision_table(all_records, rate_gamma)]
     report = "\n\n".join(parts)
     print(report)
     if args.plot:
         plot(records, rate_gamma, args.plot, heading.split(";")[0] + f"; {len(pairs)} documents")
+    if args.precision_plot:
+        precision_plot(all_records, rate_gamma, args.precision_plot,
+                       heading.split(";")[0] + f"; {len(pairs)} documents")
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(report + "\n")

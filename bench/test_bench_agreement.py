@@ -45,3 +45,24 @@ def test_plot(tmp_path):
     path = tmp_path / "plot.png"
     agreement.plot(records, 9, str(path), "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_precision_axis(tmp_path, capsys):
+    """--draft-weights model int4: every configuration at both precisions, with the total bytes."""
+    out, png = tmp_path / "agreement.md", tmp_path / "precision.png"
+    argv = ["--pairs", "1", "--doc-tokens", "96", "--budgets", "4096", "16", "--gammas", "3", "--max-new-tokens", "5",
+            "--policies", "question", "--draft-weights", "model", "int4", "--out", str(out)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--precision-plot", str(png)]
+    assert agreement.main(argv) == 0
+    report = out.read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.count("|") == 9 and "| question |" in line
+            and ("| model |" in line or "| int4 |" in line)]
+    assert {(cells[1], cells[2]) for cells in rows} == {(b, p) for b in ("4096", "16") for p in ("model", "int4")}
+    for cells in rows:
+        weights, kv, total = float(cells[3]), float(cells[4]), float(cells[5])
+        assert total == pytest.approx(weights + kv, abs=0.11)
+    weights = {cells[2]: float(cells[3]) for cells in rows}
+    assert weights["int4"] < weights["model"] / 4  # SmolLM2's float32 linear layers at 4 bits (+ group scales)
+    if png.exists():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
