@@ -161,13 +161,19 @@ def plot(records: list[AgreementRecord], gamma: int, path: str, title: str) -> N
             color = axes[0].get_lines()[-1].get_color()
             axes[0].plot(auto[gamma].draft_kv_bytes / MB, auto[min(auto)].agreement, "*", color=color, markersize=13)
             axes[1].plot(auto[gamma].draft_kv_bytes / MB, auto[gamma].mean_accepted, "*", color=color, markersize=13)
+    _finish(figure, axes, gamma, "draft-step KV MB per sequence (keep set + scoring reads)",
+            title + "  (stars: budget='auto')", path)
+
+
+def _finish(figure, axes, gamma: int, xlabel: str, title: str, path: str) -> None:
+    """The two panels' axes (agreement, accepted drafts; log bytes), legend and title; save as PNG."""
     for axis, label in zip(axes, ["per-token agreement", f"accepted drafts per round, γ = {gamma}"]):
         axis.set_xscale("log")
-        axis.set_xlabel("draft-step KV MB per sequence (keep set + scoring reads)")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
-    figure.suptitle(title + "  (stars: budget='auto')", fontsize=9)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -206,15 +212,8 @@ def precision_plot(records: list[AgreementRecord], gamma: int, path: str, title:
         label = f"{policy}, {precision or 'model'} weights"
         axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         axes[1].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
-    for axis, label in zip(axes, ["per-token agreement", f"accepted drafts per round, γ = {gamma}"]):
-        axis.set_xscale("log")
-        axis.set_xlabel("draft-step MB over the batch (weights at the draft's precision + keep-set reads)")
-        axis.set_ylabel(label)
-        axis.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    _finish(figure, axes, gamma, "draft-step MB over the batch (weights at the draft's precision + keep-set reads)",
+            title, path)
 
 
 # Qwen2-7B's text decoder (bench/e2e.py's shape), bf16: what a draft step reads per forward
