@@ -149,8 +149,8 @@ def test_sparse_long_context(kernels, dtype, keep, Qn):
     assert_attention_output(out, q, sparse_ref_gpu(*args, 128**-0.5))
 
 
-@pytest.mark.emulator_subset(dict(Qn=1, G=(1, 8)), dict(Qn=20, G=7, D=64, dtype=torch.bfloat16),
-                             dict(Qn=20, G=7, D=128, dtype=torch.float16), dict(Qn=10, G=8, D=128))
+@pytest.mark.emulator_subset(dict(Qn=1, G=1), dict(Qn=1, G=8, D=128), dict(Qn=20, G=7, D=64, dtype=torch.bfloat16),
+                             dict(Qn=20, G=7, D=128, dtype=torch.float16), dict(Qn=10, G=8, D=128, dtype=torch.float16))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", range(1, 9))
@@ -166,8 +166,8 @@ def test_dense_batch8_ragged(kernels, gen, Qn, G, D, dtype):
     assert_attention_output(out, q, dense_attention_ref(q, k, v, kv, D**-0.5))
 
 
-@pytest.mark.emulator_subset(dict(Qn=1, G=(1, 8)), dict(Qn=16, G=7, D=64, dtype=torch.float16),
-                             dict(Qn=16, G=7, D=128, dtype=torch.bfloat16), dict(Qn=10, G=8, D=128))
+@pytest.mark.emulator_subset(dict(Qn=1, G=1), dict(Qn=1, G=8, D=128), dict(Qn=16, G=7, D=64, dtype=torch.float16),
+                             dict(Qn=16, G=7, D=128, dtype=torch.bfloat16), dict(Qn=10, G=8, D=128, dtype=torch.bfloat16))
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", [1, 3, 6, 7, 8])
@@ -520,7 +520,7 @@ def test_merge_of_256_splits(kernels, Qn):
 # (batch, KV heads, longest kv_len) -> splits per (sequence, KV head) with 132 SMs x 2 blocks
 # (an H100, D = 128; checked against decode_split_plan below). With one block per SM (an
 # sm_80-sized shared memory, STD_EXT_EMULATOR_ARCH=80) they are 1, 1, 4 and 132.
-SPLIT_CASES = {1: (67, 4, 150), 2: (33, 4, 200), 8: (4, 8, 700), 256: (1, 1, 16500)}
+SPLIT_CASES = {1: (67, 4, 150), 2: (33, 4, 130), 8: (4, 8, 700), 256: (1, 1, 16500)}
 
 
 @pytest.mark.parametrize("splits", sorted(SPLIT_CASES))
