@@ -77,7 +77,7 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
     in.capacity = dims.capacity;
     in.num_indices = num_indices;
     in.sm_count = sms;
-    in.blocks_per_sm = kernels::decode_blocks_per_sm<T, kHeadDim, kSparse>();
+    in.blocks_per_sm = kernels::decode_blocks_per_sm<T, kHeadDim, kSparse>(q.device().index());
     in.layout = layout;
     const kernels::DecodeSplitPlan plan = kernels::plan_decode_attention(in);
 

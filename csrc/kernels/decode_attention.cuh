@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kAccBlocks = kKeySplit ? kHeadDim / 8 / kKeyGroups : kHeadDim / 8;
   static_assert(!kKeySplit || kWarps == kKeyGroups, "kKeys: one warp per key group");
   static_assert(kThreads % kChunksPerRow == 0 && kTileKeys % kRowStep == 0, "tile copy mapping");
-  static_assert(kBlockRows * kHeadDim <= 2 * kTileElems, "the query tile is staged in pipeline stage 0");
+  static_assert(kBlockRows * kHeadDim <= 2 * kTileElems, "the query tile is staged in the last pipeline stage");
 
   unsigned char* const smem_raw = mma::dynamic_shared_memory();
   T* const kv_smem = reinterpret_cast<T*>(smem_raw);  // stage s: K at 2s * kTileElems, V after it
@@ -183,49 +183,28 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int list_len = decode_list_len(tail_offset, tail_start, kv_len);
   const int num_tiles = decode_split_tiles(decode_list_tiles(list_len), split, p.num_splits);
 
+  // A split that owns no tile of this list (most splits of a draft over a short keep set)
+  // adds nothing to any row: with several splits it marks its rows empty for the merge
+  // (lse = -inf, a weight of exactly 0, which the merge skips without reading the partial)
+  // and leaves, instead of staging Q and writing a zero partial. Block-uniform.
+  if (num_tiles == 0 && p.num_splits > 1) {
+    for (int r = tid; r < kBlockRows; r += kThreads) {
+      const int row = row_base + r;
+      if (row >= rows_total) break;
+      const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + row / p.group) * p.q_heads + h * p.group +
+                              row % p.group;
+      p.partial_lse[out_row * p.num_splits + split] = -INFINITY;
+    }
+    return;
+  }
+
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
   const int32_t* const index_row =
       kSparse ? p.indices + b * p.indices_stride_b + h * p.indices_stride_h : nullptr;
 
-  // ---- stage the block's query rows (zeros past the last row) and load the A fragments
-  {
-    T* q_smem = kv_smem;
-    const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride_b;
-    for (int c = tid; c < kBlockRows * kChunksPerRow; c += kThreads) {
-      const int r = c / kChunksPerRow;
-      const int chunk = c % kChunksPerRow;
-      const int row = row_base + r;
-      T* dst = q_smem + swizzled<kHeadDim>(r, chunk);
-      if (row < rows_total) {
-        const int i = row / p.group;
-        const int head = h * p.group + row % p.group;
-        const T* src = q_base + i * p.q_stride_i + head * p.q_stride_h + chunk * 8;
-        if (p.q_aligned16) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dst[e] = src[e];
-        }
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-  }
-  __syncthreads();
-
   const int warp_row0 = kKeySplit ? 0 : warp * kRowsPerWarp;  // first row of this warp in the block
   const bool warp_active = row_base + warp_row0 < rows_total;
-  uint32_t q_frag[kHeadDim / 16][4];
-  if (warp_active) {
-    const int m = lane / 8;
-    const int r = warp_row0 + (m % 2) * 8 + lane % 8;
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      mma::ldmatrix_x4(q_frag[ks], kv_smem + swizzled<kHeadDim>(r, ks * 2 + m / 2));
-    }
-  }
-  __syncthreads();  // stage 0 is about to receive K/V
 
   // Position of the thread's two accumulator rows (g and g + 8); -1 for padding rows,
   // which then see nothing.
@@ -238,6 +217,17 @@ __global__ void __launch_bounds__(kWarps * 32)
     row_pos[half] = row < rows_total ? kv_len - p.q_len + row / p.group : -1;
   }
 
+  // K/V rows are read once per call: evict them from L2 first, so they do not push out
+  // what is reused (the queries, the partials the merge reads, the next layer's weights).
+  const uint64_t stream_policy = mma::l2_evict_first_policy();
+  // cp.async groups per tile (issue_tile), and how many may still be in flight when the
+  // loop needs tile j's K (all of tile j, in the rows layout) and, in the keys layout,
+  // tile j's V after the next tile was issued.
+  constexpr bool kSplitKV = kKeySplit;
+  constexpr int kTileGroups = kSplitKV ? 2 : 1;
+  constexpr int kPendingAtK = kTileGroups * (kStages - 2) + (kTileGroups - 1);
+  constexpr int kPendingAtV = kTileGroups * (kStages - 1);
+
   // ---- pipeline: the thread copies chunk `copy_chunk` of tile rows copy_row0 + j * kRowStep
   const int copy_chunk = tid % kChunksPerRow;
   const int copy_row0 = tid / kChunksPerRow;
@@ -245,46 +235,61 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   auto first_entry = [&](int j) { return decode_tile_first_entry(split, j, p.num_splits); };
 
-  auto prefetch_indices = [&](int j) {
+  auto load_indices = [&](int j, int (&indices)[kRowsPerThread]) {
     if constexpr (kSparse) {
       const int base = j < num_tiles ? first_entry(j) : INT_MAX - kTileKeys;
 #pragma unroll
       for (int r = 0; r < kRowsPerThread; ++r) {
         const int e = base + copy_row0 + r * kRowStep;
-        prefetched_index[r] = (j < num_tiles && e < num_indices) ? index_row[e] : -1;
+        indices[r] = (j < num_tiles && e < num_indices) ? index_row[e] : -1;
       }
     }
   };
+  auto prefetch_indices = [&](int j) { load_indices(j, prefetched_index); };
 
-  auto issue_tile = [&](int j) {
+  // Issues tile j's copies (when the split has a tile j) and commits them: in the keys
+  // layout as two groups, K then V, so that Q.K^T starts as soon as K has landed (a
+  // draft's split often has a single tile, and nothing else to overlap its V with); in the
+  // rows layout as one group (many tiles: the pipeline hides V, and its registers are
+  // spent). Always commits, so every thread counts the same groups.
+  auto issue_tile = [&](int j, const int (&tile_indices)[kRowsPerThread]) {
     const int stage = j % kStages;
     T* k_dst = kv_smem + 2 * stage * kTileElems;
     T* v_dst = k_dst + kTileElems;
     const int base = first_entry(j);
+    int position[kRowsPerThread];  // -1: nothing to read (zero-filled)
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {
       const int row = copy_row0 + r * kRowStep;
       const int e = base + row;
-      int position = -1;
+      position[r] = -1;
       int visible_from = INT_MAX;  // smallest query position that sees this entry
       if (kSparse && e < num_indices) {
-        const int index = prefetched_index[r];
+        const int index = tile_indices[r];
         if (index >= 0 && index < tail_start) {
-          position = index;
+          position[r] = index;
           visible_from = 0;
         }
       } else if (e >= tail_offset && e < list_len) {
-        position = tail_start + (e - tail_offset);
-        visible_from = position;
+        position[r] = tail_start + (e - tail_offset);
+        visible_from = position[r];
       }
-      const bool valid = position >= 0;
-      const int64_t row_offset = valid ? position : 0;
-      mma::cp_async_16(k_dst + swizzled<kHeadDim>(row, copy_chunk),
-                       k_head + row_offset * p.k_stride_s + copy_chunk * 8, valid);
-      mma::cp_async_16(v_dst + swizzled<kHeadDim>(row, copy_chunk),
-                       v_head + row_offset * p.v_stride_s + copy_chunk * 8, valid);
-      if (copy_chunk == 0) vis_smem[stage * kTileKeys + row] = visible_from;
+      if (j < num_tiles && copy_chunk == 0) vis_smem[stage * kTileKeys + row] = visible_from;
     }
+    auto copy_rows = [&](T* dst, const T* head, int64_t stride) {
+      if (j >= num_tiles) return;
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const int row = copy_row0 + r * kRowStep;
+        const bool valid = position[r] >= 0;
+        mma::cp_async_16_evict_first(dst + swizzled<kHeadDim>(row, copy_chunk),
+                                     head + (valid ? position[r] : 0) * stride + copy_chunk * 8, valid, stream_policy);
+      }
+    };
+    copy_rows(k_dst, k_head, p.k_stride_s);
+    if constexpr (kSplitKV) mma::cp_async_commit();
+    copy_rows(v_dst, v_head, p.v_stride_s);
+    mma::cp_async_commit();
   };
 
   float acc[kAccBlocks][4];
@@ -297,22 +302,63 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int k = 0; k < kSumGroups; ++k) row_sum[k][0] = row_sum[k][1] = 0.f;
 
-  prefetch_indices(0);
+  // ---- prologue: the query rows and the first kStages - 1 tiles go out together, so their
+  // DRAM round trips overlap instead of following one another (and the keep-set indices of
+  // those tiles are loaded at once, not one tile's after the other's). The queries are
+  // staged in the last stage, which no tile fills before the main loop's first barrier;
+  // their copy is the oldest group, so waiting for it leaves the tiles in flight.
+  {
+    T* q_smem = kv_smem + 2 * (kStages - 1) * kTileElems;
+    const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride_b;
+    for (int c = tid; c < kBlockRows * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow;
+      const int chunk = c % kChunksPerRow;
+      const int row = row_base + r;
+      T* dst = q_smem + swizzled<kHeadDim>(r, chunk);
+      if (row >= rows_total) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);  // padding rows: zeros
+        continue;
+      }
+      const T* src = q_base + (row / p.group) * p.q_stride_i + (h * p.group + row % p.group) * p.q_stride_h + chunk * 8;
+      if (p.q_aligned16) {
+        mma::cp_async_16(dst, src, true);
+      } else {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) issue_tile(s);
-    prefetch_indices(s + 1);
+        for (int e = 0; e < 8; ++e) dst[e] = src[e];
+      }
+    }
     mma::cp_async_commit();
   }
+  {
+    int first_indices[kStages - 1][kRowsPerThread];
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) load_indices(s, first_indices[s]);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) issue_tile(s, first_indices[s]);
+  }
+  prefetch_indices(kStages - 1);
+
+  mma::cp_async_wait<kTileGroups * (kStages - 1)>();  // this thread's query chunks have landed
+  __syncthreads();                    // and every thread's
+  uint32_t q_frag[kHeadDim / 16][4];
+  if (warp_active) {
+    const int m = lane / 8;
+    const int r = warp_row0 + (m % 2) * 8 + lane % 8;
+    const T* q_smem = kv_smem + 2 * (kStages - 1) * kTileElems;
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      mma::ldmatrix_x4(q_frag[ks], q_smem + swizzled<kHeadDim>(r, ks * 2 + m / 2));
+    }
+  }
+  // The main loop's first barrier orders these reads before tile kStages - 1 refills the stage.
 
   for (int j = 0; j < num_tiles; ++j) {
-    mma::cp_async_wait<kStages - 2>();
-    // Tile j has landed for every thread, and every warp is done with tile j - 1, whose
-    // stage the next issue refills.
+    mma::cp_async_wait<kPendingAtK>();
+    // Tile j's K (rows layout: and V) has landed for every thread, and every warp is done
+    // with tile j - 1, whose stage the next issue refills.
     __syncthreads();
-    if (j + kStages - 1 < num_tiles) issue_tile(j + kStages - 1);
+    issue_tile(j + kStages - 1, prefetched_index);
     prefetch_indices(j + kStages);
-    mma::cp_async_commit();
 
     if (!warp_active) continue;  // kRows only: kKeys warps are always active
     const int stage = j % kStages;
@@ -358,6 +404,9 @@ __global__ void __launch_bounds__(kWarps * 32)
         row_exchange[warp * kRowsPerWarp + g] = tile_max[0];
         row_exchange[warp * kRowsPerWarp + g + 8] = tile_max[1];
       }
+      // Tile j's V has landed for this thread; the barrier makes every thread's copy (and
+      // the maxima) visible before P.V reads them.
+      mma::cp_async_wait<kPendingAtV>();
       __syncthreads();
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -405,7 +454,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 #pragma unroll
     for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-      const uint4 packed = kKeySplit ? prob_exchange[kk * 32 + lane] : probabilities(kKeySplit ? 0 : kk);
+      uint4 packed;
+      if constexpr (kKeySplit) {
+        packed = prob_exchange[kk * 32 + lane];
+      } else {
+        packed = probabilities(kk);
+      }
       const uint32_t pa[4] = {packed.x, packed.y, packed.z, packed.w};
       const int key = kk * 16 + (m % 2) * 8 + lane % 8;
 #pragma unroll
@@ -483,8 +537,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 // One block per output row merges all num_splits partials at once: thread s takes split
 // s's log2-sum-exp (block max M, weight 2^(lse_s - M)), then warp w accumulates the
 // weighted partials of splits w, w + 8, ... with one vector load per lane and split, and
-// the 8 warp sums are added in warp order. A split the row never saw has weight 0 and a
-// zero partial: no branch. Deterministic, and the same for every Qn (num_splits is).
+// the 8 warp sums are added in warp order. A split of weight 0 (it owned no tile, or the
+// row saw none of its keys) is skipped without reading its partial, which an empty split
+// never writes: a warp-uniform branch that changes no bit, since fma(0, o, total) = total
+// for the finite partials of the others (total is never -0: it starts at +0). The split
+// loop is unrolled over the most splits with predication. Deterministic, and the same for
+// every Qn (num_splits is).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const float* __restrict__ partial_out,
                                                                       const float* __restrict__ partial_lse,
@@ -526,9 +584,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const float
 
   float total[kPerLane] = {};
   const float* partials = partial_out + row * num_splits * int64_t{kHeadDim} + lane * kPerLane;
-#pragma unroll 4
-  for (int s = warp; s < num_splits; s += kWarps) {
+#pragma unroll
+  for (int j = 0; j < kDecodeMaxSplits / kWarps; ++j) {
+    const int s = warp + j * kWarps;
+    if (s >= num_splits) break;
     const float w = weights[s];
+    if (w == 0.f) continue;  // the same s, so the same branch, for every lane of the warp
     float o[kPerLane];
     if constexpr (kPerLane == 4) {
       const float4 v = __ldcg(reinterpret_cast<const float4*>(partials + int64_t{s} * kHeadDim));
@@ -636,10 +697,10 @@ cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int 
 // Resident blocks per SM of the kKeys kernel, the plan's blocks_per_sm: the same for every
 // Qn (the split count must not depend on it), and the layout that runs plain decoding.
 template <typename T, int kHeadDim, bool kSparse>
-int decode_blocks_per_sm() {
+int decode_blocks_per_sm(int device) {
   using namespace decode_detail;
   return mma::resident_blocks_per_sm<decode_kernel<T, kHeadDim, 4, kSparse, true>, 4 * 32,
-                                     smem_bytes<T, kHeadDim>()>();
+                                     smem_bytes<T, kHeadDim>()>(device);
 }
 
 // Shapes of the partial buffers a plan needs (none when num_splits == 1).

@@ -22,7 +22,11 @@
 // see leaves that row's state exactly as it was. The striping also balances any list
 // length over all splits at once (no split holds more than one tile more than another),
 // so the generated tail of a draft spreads over splits of its own instead of lengthening
-// one, and num_splits x batch x KV heads blocks are exactly one wave of the GPU.
+// one. num_splits x batch x KV heads blocks of the keys layout (plain decoding) fit in at
+// most one wave of the GPU (floor(SMs x its blocks per SM / (batch x KV heads)) splits,
+// so a wave may be partly idle). A call whose layout is less resident than the keys
+// layout (the rows layout's eight-warp variant) or that needs several row groups may take
+// more than one wave: bench/latency_model.py predicts where.
 //
 // Which warps compute what (the layout) may depend on Qn x G: every layout computes each
 // row in the same order (see decode_attention.cuh), so it never changes a bit.
@@ -75,8 +79,8 @@ struct DecodeSplitPlan {
 
 constexpr int64_t decode_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Splits per (sequence, KV head): as many blocks as the GPU holds at once, floored, so
-// that the grid never spills into a second wave, and at most kDecodeMaxSplits.
+// Splits per (sequence, KV head): as many blocks of the keys-layout kernel as the GPU holds
+// at once (blocks_per_sm is its occupancy), floored, and at most kDecodeMaxSplits.
 inline int decode_num_splits(int64_t batch, int64_t kv_heads, int sm_count, int blocks_per_sm) {
   const int64_t heads = batch * kv_heads;
   const int64_t slots = int64_t{sm_count > 0 ? sm_count : 1} * (blocks_per_sm > 0 ? blocks_per_sm : 1);

@@ -131,6 +131,30 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   cp_async_16(smem_address(smem), gmem, valid);
 }
 
+// An L2 cache policy that evicts the lines it covers first (createpolicy, sm_80+): for data
+// read once, so that it does not displace data that is read again.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+#ifdef STD_EXT_EMULATOR
+  return 0;  // a cache hint: the emulator has no cache
+#else
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+#endif
+}
+
+// cp_async_16 with an L2 cache policy (l2_evict_first_policy) on the global read.
+__device__ __forceinline__ void cp_async_16_evict_first(void* smem, const void* gmem, bool valid, uint64_t policy) {
+  const int src_bytes = valid ? 16 : 0;
+#ifdef STD_EXT_EMULATOR
+  (void)policy;
+  emu::cp_async(smem_address(smem), gmem, 16, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_address(smem)),
+               "l"(gmem), "r"(src_bytes), "l"(policy));
+#endif
+}
+
 // 8 bytes global -> shared through L1 (small metadata rows).
 __device__ __forceinline__ void cp_async_8(uint32_t smem, const void* gmem) {
 #ifdef STD_EXT_EMULATOR
@@ -233,20 +257,19 @@ cudaError_t launch_with_dynamic_smem(Launch&& launch) {
   return cudaGetLastError();
 }
 
-// Blocks of kKernel (kThreads threads, kBytes of dynamic shared memory) that one SM holds
-// at once, from the occupancy API; asked once per device (a property of the code and the
-// device, which a device reset does not change). At least 1. A failed query answers 1 and
-// that answer is kept too: callers size work splits by it, and a split count that changed
-// from one call to the next would change the order of their reductions.
+// Blocks of kKernel (kThreads threads, kBytes of dynamic shared memory) that one SM of
+// `device` (the current device: the caller's guard made it so) holds at once, from the
+// occupancy API; asked once per device (a property of the code and the device, which a
+// device reset does not change). At least 1. A failed query answers 1 and that answer is
+// kept too: callers size work splits by it, and a split count that changed from one call
+// to the next would change the order of their reductions. The device is the caller's
+// (the tensor's), never asked of the runtime here, so no failure of that question can
+// make two calls on one device answer differently.
 template <auto kKernel, int kThreads, int kBytes>
-int resident_blocks_per_sm() {
+int resident_blocks_per_sm(int device) {
   static std::atomic<int> answers[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  if (device < 64) {
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
     const int known = answers[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
@@ -258,7 +281,10 @@ int resident_blocks_per_sm() {
     blocks = 1;
   }
   if (blocks < 1) blocks = 1;
-  if (device < 64) answers[device].store(blocks, std::memory_order_relaxed);
+  if (cached) {
+    int expected = 0;  // the first answer stays, whatever a racing thread found
+    if (!answers[device].compare_exchange_strong(expected, blocks, std::memory_order_relaxed)) blocks = expected;
+  }
   return blocks;
 }
 
