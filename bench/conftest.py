@@ -82,6 +82,19 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def _verify_over_decode(rows) -> list[str]:
+    """dense_attention's kernel at Qn = 10 (a γ = 9 verify) over Qn = 1 (a decode step), per dtype and
+    context, in the same run: what a verify pass costs in decode steps' attention (issue 22 target: <= 1.5
+    at 8K)."""
+    kernel = {(r["dtype"], r["context"], r["qn"]): r["kernel_median_s"] for r in rows if r["op"] == "dense_attention"}
+    lines = []
+    for (dtype, context, qn), seconds in sorted(kernel.items(), key=lambda item: (str(item[0][0]), item[0][1] or 0)):
+        one = kernel.get((dtype, context, 1))
+        if qn != 1 and one:
+            lines.append(f"dense_attention kernel {dtype} context {context}: Qn = {qn} / Qn = 1 = {seconds / one:.2f}")
+    return lines
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session, rows = _collect_pairs(config)
@@ -111,6 +124,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line("geometric mean ratio: " + ", ".join(f"{op} {_geomean(v):.3f}" for op, v in sorted(by_op.items()))
                   + f"; all {_geomean([r['ratio'] for r in rows]):.3f}")
     tr.write_line(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
+    for line in _verify_over_decode(rows):
+        tr.write_line(line)
 
     path = os.environ.get(RATIOS_ENV)
     if path:

@@ -195,7 +195,8 @@ def test_draft_weights_reach_the_draft_and_keep_the_answer(capsys, monkeypatch):
     assert field(output, "Identical outputs (vanilla vs StD, 8 new tokens)") == "yes"
     assert "draft weights int4" in output
     assert seen == [("vanilla", None), ("std", "int4")]
-    assert parse([]).draft_weights == "model"
+    assert parse([]).draft_weights is None  # resolved per demo: int8 for the text demo, the model's for --video
+    assert demo.TEXT_DEFAULTS.draft_weights == "int8" and demo.VIDEO_DEFAULTS.draft_weights is None
 
 
 def test_video_demo_reports_a_difference(capsys, monkeypatch):

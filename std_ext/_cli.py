@@ -35,19 +35,23 @@ def int_at_least(low: int, auto: bool = False) -> Callable[[str], int | str]:
 gamma_choice, budget_choice = int_at_least(1, auto=True), int_at_least(0, auto=True)
 
 
-def add_draft_weights_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--draft-weights``: the precision of the draft's copy of the weights (std_ext.generate's draft_weights)."""
+def add_draft_weights_option(parser: argparse.ArgumentParser, default: str | None = "model",
+                             shown_default: str = "%(default)s") -> None:
+    """``--draft-weights``: the precision of the draft's copy of the weights (std_ext.generate's draft_weights).
+
+    ``default=None`` leaves the choice to the command (``shown_default`` then says what it is)."""
     from .draft_weights import PRECISIONS
 
-    parser.add_argument("--draft-weights", choices=("model", *PRECISIONS), default=default or "model",
-                        metavar="PRECISION",
+    parser.add_argument("--draft-weights", choices=("model", *PRECISIONS), default=default, metavar="PRECISION",
                         help=f"weights the draft steps run: 'model' (the model's own) or a weight-only copy in "
                              f"{', '.join(PRECISIONS)}; the verify always runs the model's own weights, so the "
-                             "output is the same (default: %(default)s)")
+                             f"output is the same (default: {shown_default})")
 
 
-def draft_weights_of(args: argparse.Namespace) -> str | None:
-    """``std_ext.generate``'s ``draft_weights`` for ``--draft-weights`` (``'model'`` -> None)."""
+def draft_weights_of(args: argparse.Namespace, default: str | None = None) -> str | None:
+    """``std_ext.generate``'s ``draft_weights`` for ``--draft-weights`` (``'model'`` -> None; unset -> ``default``)."""
+    if args.draft_weights is None:
+        return default
     return None if args.draft_weights == "model" else args.draft_weights
 
 
