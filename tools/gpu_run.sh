@@ -79,7 +79,7 @@ build() {
 }
 
 # Tests run from /tmp so the installed build is what gets imported.
-CUDA_TESTS=(-k "cuda and not compile_check and not without_cuda")
+CUDA_TESTS=(-k "cuda and not compile_check and not without_cuda and not emulated")
 
 run_tests() {
   log "test: CUDA tests"
@@ -98,13 +98,13 @@ run_tests() {
 sanitize() {
   log "sanitize: memcheck"
   (cd /tmp && timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    pytest "$REPO/python_tests" -k "cuda and not compile_check and not without_cuda and not long_context and not 262144" -x -q -p no:cacheprovider \
+    pytest "$REPO/python_tests" -k "cuda and not compile_check and not without_cuda and not emulated and not long_context and not 262144" -x -q -p no:cacheprovider \
     >"$OUT/sanitizer.txt" 2>&1) || status=1
   tail -n 5 "$OUT/sanitizer.txt"
   log "sanitize: racecheck"
   (cd /tmp && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
     pytest "$REPO/python_tests" -x -q -p no:cacheprovider \
-    -k "cuda and (bitwise and 40000 and bfloat16 or batch8_ragged and D-128 and float16 and Qn-10 or graph)" \
+    -k "cuda and not emulated and (bitwise and 40000 and bfloat16 or batch8_ragged and D-128 and float16 and Qn-10 or graph)" \
     >>"$OUT/sanitizer.txt" 2>&1) || status=1
   tail -n 5 "$OUT/sanitizer.txt"
 }
@@ -153,7 +153,7 @@ part_done() {  # part, rc, seconds: one row of the summary, written at once
 }
 
 first_light() {
-  local FL_TESTS=(-k "cuda and not compile_check and not without_cuda")
+  local FL_TESTS=(-k "cuda and not compile_check and not without_cuda and not emulated")
   {
     echo "# first-light $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
@@ -198,7 +198,7 @@ first_light() {
   began=$SECONDS; log "first-light memcheck (cap $(cap sanitize) s)"
   (cd /tmp && timeout "$(cap sanitize)" compute-sanitizer --tool memcheck --error-exitcode 9 \
     pytest "$REPO/python_tests" -x -q -p no:cacheprovider --first-light curated \
-    -k "cuda and not compile_check and not without_cuda and not long_context and not 40000 and not graph" \
+    -k "cuda and not compile_check and not without_cuda and not emulated and not long_context and not 40000 and not graph" \
     >"$OUT/sanitizer.txt" 2>&1); rc=$?
   part_done sanitize $rc $((SECONDS - began)); [ $rc = 0 ] || [ $rc = 124 ] || status=1
   echo "memcheck: $(grep -c '^========= Invalid\|^========= Error' "$OUT/sanitizer.txt") errors; $(tail -n 1 "$OUT/sanitizer.txt")" \
