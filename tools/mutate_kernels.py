@@ -235,7 +235,7 @@ def run_tests(root: Path, mutant: Mutant, schedule: str, timeout: float, select:
         return "build", (build.stdout + build.stderr)[-2000:]
     files = [TESTS[s] for s in mutant.suites]
     cmd = [sys.executable, "-m", "pytest", *files, "-k", select, "-x", "-q", "-p", "no:cacheprovider",
-           "--no-header", "-rN"]
+           "--no-header", "-rfE"]
     try:
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
