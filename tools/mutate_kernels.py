@@ -27,6 +27,9 @@ not automatically a hole in the tests: some bugs cannot change the output on thi
 emulator (its memory is sequentially consistent, so a missing __threadfence is invisible);
 each mutant says in `fair_miss` when that is expected, and why.
 
+Before any mutant, the unmutated copy must pass the same suites (the control), or the
+run stops: a suite that already fails would make every mutant look caught.
+
 Exit status: 0 when at least --min-caught (default 0.9) of the valid mutants are caught and
 every miss is an expected one; 1 otherwise; 2 on bad usage or a mutation that no longer
 applies.
@@ -283,6 +286,17 @@ def main(argv=None) -> int:
     if args.check:
         print(f"all {len(mutants)} mutations apply to the current sources")
         return 0
+
+    # The control: the unmutated sources must pass every suite a mutant runs, else every
+    # mutant would look caught.
+    restore(root)
+    for suite in sorted({s for m in mutants for s in m.suites}):
+        control = Mutant("control", "", "", "", "none", (suite,))
+        result, detail = run_tests(root, control, args.schedules[0], args.timeout, args.select)
+        if result != "pass":
+            print(f"the unmutated {TESTS[suite]} does not pass under the emulator ({result}): {detail}")
+            return 1
+        print(f"control: {TESTS[suite]} passes unmutated ({detail})", flush=True)
 
     rows = []
     for i, m in enumerate(mutants, 1):
