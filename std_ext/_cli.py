@@ -42,7 +42,7 @@ def add_draft_weights_option(parser: argparse.ArgumentParser, default: str | Non
     ``default=None`` leaves the choice to the command (``shown_default`` then says what it is)."""
     from .draft_weights import PRECISIONS
 
-    parser.add_argument("--draft-weights", choices=("model", *PRECISIONS), default=default, metavar="PRECISION",
+    parser.add_argument("--draft-weights", choices=("model", *PRECISIONS), default=default, metavar="PREC",
                         help=f"weights the draft steps run: 'model' (the model's own) or a weight-only copy in "
                              f"{', '.join(PRECISIONS)}; the verify always runs the model's own weights, so the "
                              f"output is the same (default: {shown_default})")

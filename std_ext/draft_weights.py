@@ -237,7 +237,7 @@ class DraftWeights:
     weight_bytes: int
     original_bytes: int
     versions: tuple[int, ...]  # the weights' version counters when quantized: a later in-place edit re-quantizes
-    draft_forwards: int = 0  # forwards run under active(): the proof the draft used the copy
+    draft_forwards: int = 0  # forwards traced under active(): eager runs and captures (a graph replay does not count)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
