@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -278,14 +279,19 @@ def main(argv=None) -> int:
             print(f"{m.name:36} csrc/{m.file:32} {m.bug}")
         return 0
 
-    root = SCRATCH / "csrc"
-    restore(root)
-    for m in mutants:  # every edit must still apply before anything runs
-        apply(m, root)
-        restore(root)
+    # Every edit must still apply before anything runs; checked on a throwaway copy, so that
+    # a --check never disturbs a mutation run using the scratch copy.
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in mutants:
+            target = Path(tmp) / m.file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(CSRC / m.file, target)
+            apply(m, Path(tmp))
     if args.check:
         print(f"all {len(mutants)} mutations apply to the current sources")
         return 0
+
+    root = SCRATCH / "csrc"
 
     # The control: the unmutated sources must pass every suite a mutant runs, else every
     # mutant would look caught.
