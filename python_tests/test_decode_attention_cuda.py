@@ -540,6 +540,27 @@ def test_split_counts_bitwise_and_merged(kernels, gen, splits):
     assert_bitwise_equal(out, single_row_calls(kernels, "dense_attention", q, (k, v), kv_len, Qn), "rows")
 
 
+def test_rows_that_see_nothing_first_then_something(kernels, gen):
+    """One split per (sequence, KV head) (67 x 2 lists > 132 SMs x 2 blocks / 2), keep sets
+    of -1 only on half the heads: those rows' first tile hides every key from them, so their
+    online softmax is still empty (max -inf) when a masked tile arrives, and must stay an
+    exact zero state (shift 0, rescale exp2(-inf) = 0) to come out right when the tail's
+    tile follows; a NaN there would survive into the output. (With several splits such a
+    split is merged with weight 0, which hides it.)"""
+    B, Hkv, Qn, G, D, N = 67, 2, 2, 2, 128, 64
+    plan = torch.ops.std.decode_split_plan(B, Hkv, Qn, G, 90, N, 30, 132, 2)[1]
+    assert int(plan[0]) == 1
+    tail = [60] * B
+    kv_len = [60 + randint(Qn, 30, gen) for _ in range(B)]
+    q, k, v = attention_inputs(kernels.device, kv_len, 90, Qn, Hkv, G, D, torch.bfloat16, gen, strided=False)
+    idx = make_indices(tail, Hkv, N, gen, kernels.device)
+    idx[::2, 0] = -1  # nothing kept: the tail is all these heads see
+    idx[1::2, 1] = -1
+    args = (q, k, v, idx, ints(tail, kernels.device), ints(kv_len, kernels.device))
+    out = kernels.ops.sparse_attention(*args)
+    assert_attention_output(out, q, sparse_ref_gpu(*args, D**-0.5))
+
+
 @pytest.mark.emulator_subset(tail=(1, 64, 1000))
 @pytest.mark.parametrize("tail", [1, 64, 1000, 5000])
 def test_sparse_long_draft_tails(kernels, tail):
