@@ -151,8 +151,7 @@ def predict_decode(call: DecodeCall, gpu: Gpu = H100, fixes: Fixes = Fixes()) ->
     working_blocks = (busy if fixes.empty_splits_exit else splits) * call.kv_heads * row_groups * call.batch
     waves = max(1, math.ceil(working_blocks / (gpu.sms * bps)))
 
-    valid_entries = (call.keep + call.tail) if sparse else call.context
-    kv_bytes = call.batch * call.kv_heads * valid_entries * call.head_dim * call.dtype_bytes * 2 * row_groups
+    kv_bytes = kv_bytes_once(call) * row_groups  # each row group reads the list again
     tile_bytes = TILE_KEYS * call.head_dim * call.dtype_bytes * 2
     # Only blocks that read tiles share the bandwidth; idle splits cost their Q staging and
     # partial writes (counted in the merge's bytes).
@@ -182,10 +181,15 @@ def predict_decode(call: DecodeCall, gpu: Gpu = H100, fixes: Fixes = Fixes()) ->
     return Prediction(attention, merge, waves, splits, busy, kv_bytes, partial_bytes)
 
 
+def kv_bytes_once(call: DecodeCall) -> int:
+    """K and V bytes of the positions the call attends to, each read once."""
+    valid = (call.keep + call.tail) if call.op == "sparse_attention" else call.context
+    return call.batch * call.kv_heads * valid * call.head_dim * call.dtype_bytes * 2
+
+
 def floor_s(call: DecodeCall, gpu: Gpu = H100) -> float:
     """The bandwidth floor: K and V read once at the copy bandwidth."""
-    valid = (call.keep + call.tail) if call.op == "sparse_attention" else call.context
-    return call.batch * call.kv_heads * valid * call.head_dim * call.dtype_bytes * 2 / gpu.hbm_bytes_per_s
+    return kv_bytes_once(call) / gpu.hbm_bytes_per_s
 
 
 def gpu_for(device_name: Optional[str]) -> Optional[Gpu]:
