@@ -21,7 +21,9 @@ What it reads: the ``benchmarks`` entries of pytest-benchmark's JSON whose
 - attention ops: ``bytes_kv`` (K and V bytes that must be read once); ``sparse_attention``: ``keep``,
   ``tail``; decode kernels (optional): ``merge_us`` / ``attention_us`` (per-call GPU time of the
   split merge and of the attention kernel, from torch.profiler); dense at Qn 1: ``rows_twin`` (an
-  ``impl == "kernel_rows"`` entry of the same pair times the one-math-warp layout);
+  ``impl == "kernel_rows"`` entry of the same pair times the one-math-warp layout); dense at Qn 10:
+  ``one_split_twin`` (an ``impl == "kernel_one_split_per_block"`` entry times the verify grid with
+  one split per block);
   ``attention_scores`` and ``prefill_selection``: ``T``, ``S``, ``flops`` (QK^T only);
   ``topk_indices``: ``rows``, ``B``, ``H``, ``S``, ``k``; ``prefill_selection``: ``layers``.
 
@@ -97,6 +99,9 @@ TARGETS = [
            lambda i: _long(i) and i.get("merge_us") is not None),
     Target("dense_attention", "keys layout >= rows layout (Qn=1)", "rows_over_keys", ">=", 1.0,
            lambda i: i.get("qn") == 1 and bool(i.get("rows_twin"))),
+    # Issue 23 item 1: the verify's blocks take several splits, so its grid is one wave.
+    Target("dense_attention", "verify in one wave >= one split per block (Qn=10)", "one_split_over_default", ">=",
+           1.0, lambda i: i.get("qn") == 10 and bool(i.get("one_split_twin"))),
     Target("sparse_attention", "tail 1024 <= 1.2 x tail 64 (B=1, Qn=1)", "tail_ratio", "<=", 1.2,
            lambda i: i.get("tail") == 1024 and i.get("batch") == 1 and i.get("qn") == 1),
 ]
@@ -128,8 +133,9 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
     Keys (None when not applicable or not measured): time_us, cold_time_us, host_time_us, bw_GBps, bw_ratio,
     warm_bw_ratio, l2_resident, tflops, tflops_ratio, kernel_over_torch, cold_kernel_over_torch,
     qn10_over_qn1, total_ms, model_us (bench/latency_model.py's prediction for this device), merge_share (merge / attention kernel time), rows_over_keys (time of the
-    rows-layout twin / time), rows_bw_ratio (its bandwidth over copy), tail_ratio (sparse: time / time
-    at tail 64), targets (list of {target, metric, value, pass}).
+    rows-layout twin / time), rows_bw_ratio (its bandwidth over copy), one_split_over_default (time of the
+    one-split-per-block twin / time), tail_ratio (sparse: time / time at tail 64), targets (list of
+    {target, metric, value, pass}).
     """
     info = entry.get("extra_info") or {}
     warm = _median(entry)
@@ -137,7 +143,8 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
     gpu = cold or warm  # see the module docstring: efficiency figures use the cold-L2 time
     m: dict = {k: None for k in ("bw_GBps", "bw_ratio", "warm_bw_ratio", "l2_resident", "tflops", "tflops_ratio",
                                  "kernel_over_torch", "cold_kernel_over_torch", "qn10_over_qn1", "total_ms",
-                                 "merge_share", "rows_over_keys", "rows_bw_ratio", "tail_ratio")}
+                                 "merge_share", "rows_over_keys", "rows_bw_ratio", "one_split_over_default",
+                                 "tail_ratio")}
     m["time_us"] = warm * 1e6 if warm is not None else None
     m["model_us"] = latency_model.predict_entry(info)
     m["cold_time_us"] = cold * 1e6 if cold else None
@@ -174,6 +181,10 @@ def metrics(entry: dict, entries: list[dict]) -> dict:
         m["rows_over_keys"] = _ratio(rows_gpu, gpu)
         if bytes_kv and rows_gpu:
             m["rows_bw_ratio"] = _ratio(bytes_kv / rows_gpu / 1e9, copy)
+    one_split = _find(entries, suite=SUITE, pair=info.get("pair"), impl="kernel_one_split_per_block")
+    if one_split is not None:
+        m["one_split_over_default"] = _ratio((one_split.get("extra_info") or {}).get("cold_time_s") or _median(one_split),
+                                             gpu)
     if info.get("op") == "sparse_attention" and (info.get("tail") or 64) != 64:
         base = _find(entries, suite=SUITE, op="sparse_attention", impl="kernel", batch=info.get("batch"),
                      keep=info.get("keep"), qn=info.get("qn"), tail=64)
@@ -303,20 +314,23 @@ def markdown(rows: list[dict], entries: Optional[list[dict]] = None) -> str:
                    f"{_us(r.get('host_time_us'))} | "
                    f"{_efficiency(r)} | "
                    f"{_num(r.get('kernel_over_torch'))} | {_num(r.get('qn10_over_qn1'))} | {targets} |")
-    decode = [r for r in rows if any(r.get(k) is not None for k in ("merge_share", "rows_over_keys", "tail_ratio"))]
+    decode = [r for r in rows if any(r.get(k) is not None
+                                     for k in ("merge_share", "rows_over_keys", "one_split_over_default", "tail_ratio"))]
     if decode:
         out.append("")
         out.append("Decode kernels: merge share (merge_splits_kernel / decode_attention_kernel GPU time), the "
                    "keys layout against the one-math-warp rows layout at Qn = 1 (bandwidth before / after), "
+                   "the verify with one split per block against blocks taking several (time ratio, Qn = 10), "
                    "draft time against tail length (cold time / tail 64):")
         out.append("")
         out.append("| op | shape | merge / attention | rows layout bandwidth | keys layout bandwidth | rows / keys time | "
-                   "time / tail 64 |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "one split per block / default time | time / tail 64 |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in decode:
             out.append(f"| {r['op']} | {r['shape']} | {_num(r.get('merge_share'), 3)} | {_num(r.get('rows_bw_ratio'))} | "
                        f"{_num(r.get('bw_ratio')) if r.get('rows_bw_ratio') is not None else '-'} | "
-                       f"{_num(r.get('rows_over_keys'))} | {_num(r.get('tail_ratio'))} |")
+                       f"{_num(r.get('rows_over_keys'))} | {_num(r.get('one_split_over_default'))} | "
+                       f"{_num(r.get('tail_ratio'))} |")
     checked = [(r, t) for r in rows for t in r["targets"]]
     if checked:
         out.append("")

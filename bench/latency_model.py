@@ -13,10 +13,12 @@ per block against the SM's 65,536 registers and 228 KB).
 
 The decode model (dense_attention and sparse_attention), one call:
 
-    attention kernel = launch + [stage Q: one DRAM round trip] + first K/V tile: one round trip
-                       + waves x (tiles of the busiest split) x max(tile bytes / block's share
-                         of HBM bandwidth among the blocks that read tiles, tile compute)
-                       + epilogue: one L2 round trip (writes)
+    attention kernel = launch + waves x ([stage Q: one DRAM round trip] + first K/V tile: one
+                         round trip + (tiles of the busiest block) x max(tile bytes / block's
+                         share of HBM bandwidth among the blocks that read tiles, tile compute)
+                         + epilogue: one L2 round trip (writes))
+                       where a block takes one split, or (verify occupancy fix) several in turn
+                       with one pipeline, so that the grid is one wave of the launched variant
     merge kernel     = (num_splits > 1) the dependent-launch gap + two dependent L2 round trips
                        (the lse, then the partials, written moments ago) + partial bytes / L2
                        bandwidth + one write round trip, per wave of merge blocks; fused into the
@@ -80,13 +82,16 @@ BLOCKS_PER_SM = {
 class Fixes:
     """The decode-latency issue's fixes, each one a flag (all off: the kernels as they are)."""
 
-    verify_occupancy: bool = False  # item 1: the 8-warp rows variant as resident as the keys variant
+    # item 1: the 8-warp rows variant's grid in one wave: its blocks take several splits in turn
+    verify_occupancy: bool = False
     empty_splits_exit: bool = False  # item 2: a split with no tile writes only lse = -inf; the merge skips it
     prologue_overlap: bool = False  # item 3: K/V tiles issued before Q is staged (one round trip, not two)
     fused_merge: bool = False  # item 4: the last block of a (sequence, KV head) merges: one launch
 
 
 ALL_FIXES = Fixes(True, True, True, True)
+# What the kernels on main do (the fused merge was not taken: bench/RESULTS.md says why).
+LANDED = Fixes(verify_occupancy=True, empty_splits_exit=True, prologue_overlap=True)
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,10 @@ class DecodeCall:
     dtype_bytes: int = 2
 
 
-def split_plan(batch: int, kv_heads: int, qn: int, group: int, num_indices: int, sms: int, blocks_per_sm: int):
-    """(num_splits, tail_offset, layout, warps, block_rows, row_groups): decode_plan.h's plan."""
+def split_plan(batch: int, kv_heads: int, qn: int, group: int, num_indices: int, sms: int, blocks_per_sm: int,
+               launched_blocks_per_sm: int = 0):
+    """(num_splits, tail_offset, layout, warps, block_rows, row_groups, splits_per_block, split_blocks):
+    decode_plan.h's plan."""
     heads = batch * kv_heads
     splits = max(1, min(MAX_SPLITS, (sms * max(blocks_per_sm, 1)) // heads if heads > 0 else 1))
     tail_offset = math.ceil(num_indices / TILE_KEYS) * TILE_KEYS
@@ -115,7 +122,20 @@ def split_plan(batch: int, kv_heads: int, qn: int, group: int, num_indices: int,
         warps = 4 if rows <= 4 * ROWS_PER_WARP else 8
         layout, block_rows = "rows", warps * ROWS_PER_WARP
     row_groups = max(1, math.ceil(rows / block_rows))
-    return splits, tail_offset, layout, warps, block_rows, row_groups
+    slots = sms * (launched_blocks_per_sm or blocks_per_sm)
+    per_block = 1
+    while per_block < splits and math.ceil(splits / per_block) * batch * kv_heads * row_groups > slots:
+        per_block += 1
+    split_blocks = math.ceil(splits / per_block)
+    per_block = math.ceil(splits / split_blocks)
+    return splits, tail_offset, layout, warps, block_rows, row_groups, per_block, split_blocks
+
+
+def block_tiles(list_tiles: int, first_split: int, split_blocks: int, splits: int) -> int:
+    """Tiles of the block that takes splits first_split, first_split + split_blocks, ...
+    (decode_plan.h DecodeBlockTiles: split s holds list_tiles // splits tiles, one more below
+    list_tiles % splits)."""
+    return sum(list_tiles // splits + (s < list_tiles % splits) for s in range(first_split, splits, split_blocks))
 
 
 @dataclass
@@ -137,32 +157,41 @@ def predict_decode(call: DecodeCall, gpu: Gpu = H100, fixes: Fixes = Fixes()) ->
     """Predicted time of one dense_attention / sparse_attention call (see the module docstring)."""
     sparse = call.op == "sparse_attention"
     keys_bps = BLOCKS_PER_SM[(call.op, call.head_dim, "keys")]
-    splits, tail_offset, layout, warps, block_rows, row_groups = split_plan(
-        call.batch, call.kv_heads, call.qn, call.group, call.keep if sparse else 0, gpu.sms, keys_bps)
+    rows = call.qn * call.group
+    variant = "keys" if rows <= ROWS_PER_WARP else ("rows64" if rows <= 4 * ROWS_PER_WARP else "rows128")
+    bps = BLOCKS_PER_SM[(call.op, call.head_dim, variant)]
+    splits, tail_offset, layout, warps, block_rows, row_groups, _, split_blocks = split_plan(
+        call.batch, call.kv_heads, call.qn, call.group, call.keep if sparse else 0, gpu.sms, keys_bps, bps)
+    if not fixes.verify_occupancy:
+        split_blocks = splits  # one split per block
     list_len = (tail_offset + call.tail) if sparse else call.context
     tiles = math.ceil(list_len / TILE_KEYS) if list_len > 0 else 0
     busy = min(splits, tiles)
-    tiles_per_split = math.ceil(tiles / splits) if tiles else 0
+    busy_blocks = min(split_blocks, tiles)  # a block's first split is its longest
+    tiles_per_block = block_tiles(tiles, 0, split_blocks, splits)  # block 0 is the busiest
 
-    variant = "keys" if layout == "keys" else ("rows64" if warps == 4 else "rows128")
-    bps = BLOCKS_PER_SM[(call.op, call.head_dim, variant)]
-    if fixes.verify_occupancy:
-        bps = max(bps, keys_bps)
-    working_blocks = (busy if fixes.empty_splits_exit else splits) * call.kv_heads * row_groups * call.batch
+    working_blocks = (busy_blocks if fixes.empty_splits_exit else split_blocks) * call.kv_heads * row_groups * call.batch
     waves = max(1, math.ceil(working_blocks / (gpu.sms * bps)))
 
     kv_bytes = kv_bytes_once(call) * row_groups  # each row group reads the list again
     tile_bytes = TILE_KEYS * call.head_dim * call.dtype_bytes * 2
-    # Only blocks that read tiles share the bandwidth; idle splits cost their Q staging and
-    # partial writes (counted in the merge's bytes).
-    readers = min(busy * call.kv_heads * row_groups * call.batch, gpu.sms * bps)
-    per_block_bw = gpu.hbm_bytes_per_s / max(readers, 1)
-    tile_time = max(tile_bytes / per_block_bw, gpu.tile_compute_s)
+    # Idle splits cost their Q staging and partial writes (counted in the merge's bytes).
+    # Only blocks that read tiles share the bandwidth, wave by wave (a last, partial wave's
+    # blocks each get a larger share).
+    capacity = gpu.sms * bps
+    readers_left = busy_blocks * call.kv_heads * row_groups * call.batch
+    stream = 0.0
+    for _ in range(waves):
+        readers = max(1, min(readers_left, capacity))
+        readers_left -= readers
+        stream += tiles_per_block * max(tile_bytes * readers / gpu.hbm_bytes_per_s, gpu.tile_compute_s)
     # Q staging then the first tile: two dependent round trips, or one when the tiles are
-    # issued first and Q arrives meanwhile.
+    # issued first and Q arrives meanwhile. Each wave pays its own; a block that takes
+    # several splits pays one (its pipeline runs on into the next split, and a split's
+    # partial writes do not wait).
     prologue = gpu.dram_round_trip_s * (1 if fixes.prologue_overlap else 2)
     epilogue = gpu.l2_round_trip_s
-    attention = gpu.launch_s + prologue + waves * tiles_per_split * tile_time + epilogue
+    attention = gpu.launch_s + waves * (prologue + epilogue) + stream
 
     out_rows = call.batch * call.qn * call.kv_heads * call.group
     merge = 0.0
@@ -202,8 +231,9 @@ def gpu_for(device_name: Optional[str]) -> Optional[Gpu]:
 
 
 def predict_entry(info: dict) -> Optional[float]:
-    """Predicted microseconds per call of a benchmark entry's ``extra_info`` (today's kernels),
-    or None for an op or device the model does not cover."""
+    """Predicted microseconds per call of a benchmark entry's ``extra_info`` (the kernels on
+    main, :data:`LANDED`; the one-split-per-block twin without the verify fix), or None for an
+    op or device the model does not cover."""
     gpu = gpu_for(info.get("device"))
     op = info.get("op")
     if gpu is None or op not in ("dense_attention", "sparse_attention"):
@@ -214,7 +244,10 @@ def predict_entry(info: dict) -> Optional[float]:
     call = DecodeCall(op, batch=info.get("batch") or 1, kv_heads=hkv, group=hq // hkv, qn=info.get("qn") or 1,
                       head_dim=info.get("head_dim") or 128, context=info.get("context") or 0,
                       keep=info.get("keep") or 0, tail=info.get("tail") or 0)
-    return predict_decode(call, gpu).total_s * 1e6
+    fixes = LANDED
+    if info.get("impl") == "kernel_one_split_per_block":
+        fixes = Fixes(empty_splits_exit=True, prologue_overlap=True)
+    return predict_decode(call, gpu, fixes).total_s * 1e6
 
 
 # Qwen2-7B's attention geometry: 28 query heads over 4 KV heads (G = 7), head_dim 128.
@@ -228,24 +261,24 @@ KEY_SHAPES = (
 )
 
 FIX_STEPS = (
-    ("today", Fixes()),
+    ("before issue 23", Fixes()),
     ("+ empty splits exit", Fixes(empty_splits_exit=True)),
     ("+ prologue overlap", Fixes(empty_splits_exit=True, prologue_overlap=True)),
-    ("+ verify occupancy", Fixes(empty_splits_exit=True, prologue_overlap=True, verify_occupancy=True)),
-    ("+ one launch", ALL_FIXES),
+    ("+ verify in one wave (main)", LANDED),
+    ("+ one launch (not taken)", ALL_FIXES),
 )
 
 
 def table(gpu: Gpu) -> str:
     lines = [f"Predicted us per call on an {gpu.name} (model: bench/latency_model.py; floor = K/V bytes "
              f"over {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s):", "",
-             "| call | floor | " + " | ".join(name for name, _ in FIX_STEPS) + " | waves today / fixed |",
+             "| call | floor | " + " | ".join(name for name, _ in FIX_STEPS) + " | waves before / main |",
              "|---|---|" + "---|" * len(FIX_STEPS) + "---|"]
     for label, call in KEY_SHAPES:
         cells = []
         for _, fixes in FIX_STEPS:
             cells.append(f"{predict_decode(call, gpu, fixes).total_s * 1e6:.1f}")
-        waves = f"{predict_decode(call, gpu).waves} / {predict_decode(call, gpu, ALL_FIXES).waves}"
+        waves = f"{predict_decode(call, gpu).waves} / {predict_decode(call, gpu, LANDED).waves}"
         lines.append(f"| {label} | {floor_s(call, gpu) * 1e6:.1f} | " + " | ".join(cells) + f" | {waves} |")
     return "\n".join(lines) + "\n"
 

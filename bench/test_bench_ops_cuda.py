@@ -61,6 +61,9 @@ targets; ``bench/conftest.py`` prints kernel / torch for every pair):
 - dense at Qn 1 is also timed with ``STD_EXT_DECODE_LAYOUT=rows`` (impl ``kernel_rows``: the
   one-math-warp layout that the default keys layout replaced; the same bits, checked), so the
   bandwidth before and after shows in one run;
+- dense at Qn 10 is also timed with ``STD_EXT_DECODE_SPLITS_PER_BLOCK=1`` (impl
+  ``kernel_one_split_per_block``: the verify grid as it ran before its blocks took several splits,
+  two waves of the eight-warp variant where that holds one block per SM; the same bits, checked);
 - sparse: cold time at tail T over cold time at tail 64 (same batch, keep, Qn).
 
 Before timing, each case checks once that the kernel agrees with its twin: per output row (a
@@ -102,7 +105,8 @@ TOPK_S, TOPK_K, TOPK_SHAPES = 131072, 1024, [(28, HKV), (1, HKV)]
 LAYERS, SELECT_S, SELECT_T = 28, 131072, 128
 IMPLS = ["torch", "kernel"]  # twin first: the kernel's extra_info can then carry kernel / torch
 # dense: (Qn, impl); at Qn 1 the rows-layout twin too (before the kernel, for the same reason)
-DENSE_RUNS = [(1, "torch"), (1, "kernel_rows"), (1, "kernel"), (10, "torch"), (10, "kernel")]
+DENSE_RUNS = [(1, "torch"), (1, "kernel_rows"), (1, "kernel"), (10, "torch"), (10, "kernel_one_split_per_block"),
+              (10, "kernel")]
 DECODE_OPS = ("dense_attention", "sparse_attention")
 
 TARGET_S = float(os.environ.get("STD_EXT_BENCH_SECONDS", "0.5"))
@@ -358,18 +362,28 @@ def _check_once(key, kernel_fn, torch_fn, args, compare):
     _checked.add(key)
 
 
+# Twins of the decode kernel that differ only in how the CUDA glue launches it (read at each
+# call; the same bits, checked): the one-math-warp layout at Qn = 1, and the verify grid with
+# one split per block (two waves of the eight-warp variant, as before blocks took several).
+_IMPL_ENVIRONMENT = {"kernel_rows": ("STD_EXT_DECODE_LAYOUT", "rows"),
+                     "kernel_one_split_per_block": ("STD_EXT_DECODE_SPLITS_PER_BLOCK", "1")}
+
+
 @contextlib.contextmanager
-def _rows_layout():
-    """The decode kernels' one-math-warp layout (read by the CUDA glue at each call)."""
-    old = os.environ.get("STD_EXT_DECODE_LAYOUT")
-    os.environ["STD_EXT_DECODE_LAYOUT"] = "rows"
+def _launch_twin(impl: str):
+    if impl not in _IMPL_ENVIRONMENT:
+        yield
+        return
+    name, value = _IMPL_ENVIRONMENT[impl]
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("STD_EXT_DECODE_LAYOUT", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["STD_EXT_DECODE_LAYOUT"] = old
+            os.environ[name] = old
 
 
 def _decode_kernel_times(fn, args, calls: int = 5) -> dict:
@@ -413,13 +427,13 @@ def _bench(benchmark, gpu, impl, info, kernel_fn, torch_fn, args, compare, check
     benchmark.extra_info.update(gpu["info"])
     benchmark.extra_info.update(info)
     fn = kernel_fn if impl.startswith("kernel") else torch_fn
-    if impl == "kernel_rows" and (pair, impl) not in _checked:
-        with _rows_layout():
-            rows = kernel_fn(*args)
-        assert torch.equal(rows, kernel_fn(*args)), f"{pair}: the rows and keys layouts give different bits"
+    if impl in _IMPL_ENVIRONMENT and (pair, impl) not in _checked:
+        with _launch_twin(impl):
+            twin = kernel_fn(*args)
+        assert torch.equal(twin, kernel_fn(*args)), f"{pair}: {impl} and the default launch give different bits"
         _checked.add((pair, impl))
     try:
-        with _rows_layout() if impl == "kernel_rows" else contextlib.nullcontext():
+        with _launch_twin(impl):
             measured = _measure(benchmark, fn, args, gpu, impl)
     except torch.cuda.OutOfMemoryError:
         if impl != "torch" or benchmark.stats is not None:
@@ -475,7 +489,7 @@ def test_dense_attention(benchmark, gpu, batch, ctx, qn, impl):
     args = (_queries(("dense", batch, ctx, qn), batch, qn), k, v, _lengths(batch, ctx))
     info = dict(op="dense_attention", pair=f"cuda dense_attention B={batch} ctx={ctx} Qn={qn}", batch=batch,
                 context=ctx, qn=qn, capacity=ctx + SPARE, bytes_kv=2 * batch * HKV * ctx * HEAD_DIM * 2,
-                rows_twin=qn == 1)
+                rows_twin=qn == 1, one_split_twin=qn == 10)
     _bench(benchmark, gpu, impl, info, std_ext.dense_attention, dense_attention_torch, args, _rows_close(HEAD_DIM))
 
 

@@ -25,5 +25,6 @@ TORCH_LIBRARY(std, m) {
   // positions, computed on the host (csrc/cpu/decode_split_plan.cpp).
   m.def(
       "decode_split_plan(int batch, int kv_heads, int q_len, int group, int capacity, int num_indices, "
-      "int tail_len, int sm_count, int blocks_per_sm) -> (Tensor, Tensor)");
+      "int tail_len, int sm_count, int blocks_per_sm, int launched_blocks_per_sm=0, int splits_per_block=0) "
+      "-> (Tensor, Tensor)");
 }

@@ -436,16 +436,20 @@ def test_cuda_graph_capture_and_replay(gen):
 
 
 @contextlib.contextmanager
-def decode_layout(value):
-    old = os.environ.get("STD_EXT_DECODE_LAYOUT")
-    os.environ["STD_EXT_DECODE_LAYOUT"] = value
+def environment(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["STD_EXT_DECODE_LAYOUT"]
+            del os.environ[name]
         else:
-            os.environ["STD_EXT_DECODE_LAYOUT"] = old
+            os.environ[name] = old
+
+
+def decode_layout(value):
+    return environment("STD_EXT_DECODE_LAYOUT", value)
 
 
 @pytest.mark.emulator_subset(dict(capacity=4096 - 7, Qn=1), dict(capacity=200, Qn=10))
@@ -502,6 +506,40 @@ def test_bad_layout_variable_is_named(kernels, gen, monkeypatch):
     monkeypatch.setenv("STD_EXT_DECODE_LAYOUT", "diagonal")
     with pytest.raises(RuntimeError, match="STD_EXT_DECODE_LAYOUT"):
         kernels.ops.dense_attention(q, k, v, ints([20], kernels.device))
+
+
+@pytest.mark.emulator_subset(dict(Qn=1, G=7, D=64), dict(Qn=10, G=7, D=128), dict(Qn=20, G=8, D=64))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Qn, G", [(1, 7), (4, 8), (10, 7), (20, 8)])
+@pytest.mark.parametrize("op", ["dense_attention", "sparse_attention"])
+def test_blocks_taking_several_splits_change_no_bit(kernels, gen, op, Qn, G, D):
+    """Where the launched variant holds fewer blocks per SM than the splits assume (the
+    eight-warp rows variant of a verify: Qn x G of 65..128 rows, or several row groups), a
+    block takes several splits in turn, its pipeline running on from one into the next.
+    Any count (STD_EXT_DECODE_SPLITS_PER_BLOCK) gives the bits of one split per block: ragged
+    lists (16 splits per (sequence, KV head): the longest has 2-3 tiles per split, the short
+    ones leave most splits empty), and the values against float64."""
+    kv_len = [kernels.pick(cuda=9000, emulated=2600), 700, 70, Qn]
+    q, k, v = attention_inputs(kernels.device, kv_len, kv_len[0] + 10, Qn, 4, G, D, torch.bfloat16, gen)
+    args = (q, k, v)
+    if op == "sparse_attention":
+        tail = [kv_len[0] - 1200, 650, 10, 0]
+        args += (make_indices(tail, 4, 300, gen, kernels.device), ints(tail, kernels.device))
+    args += (ints(kv_len, kernels.device),)
+    with environment("STD_EXT_DECODE_SPLITS_PER_BLOCK", "1"):
+        one = call(kernels, op, *args)
+    assert_attention_output(one, q, reference(op, *args, D**-0.5))
+    for per_block in ("0", "2", "3", "7", "16", "256"):
+        with environment("STD_EXT_DECODE_SPLITS_PER_BLOCK", per_block):
+            assert_bitwise_equal(call(kernels, op, *args), one, f"{per_block} splits per block")
+
+
+def test_bad_splits_per_block_variable_is_named(kernels, gen, monkeypatch):
+    q, k, v = attention_inputs(kernels.device, [20], 24, 1, 2, 4, 64, torch.float16, gen)
+    for bad in ("two", "-1", "257", "3x"):
+        monkeypatch.setenv("STD_EXT_DECODE_SPLITS_PER_BLOCK", bad)
+        with pytest.raises(RuntimeError, match="STD_EXT_DECODE_SPLITS_PER_BLOCK"):
+            kernels.ops.dense_attention(q, k, v, ints([20], kernels.device))
 
 
 @pytest.mark.emulator_subset(Qn=(1,))

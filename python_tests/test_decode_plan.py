@@ -23,10 +23,16 @@ GAMMA_MAX = 12
 GPUS = [(1, 4, 132, 2), (8, 4, 132, 2), (2, 2, 108, 3), (3, 7, 8, 1), (64, 8, 132, 2), (1, 1, 132, 2)]
 
 
-def plan(batch=1, kv_heads=4, q_len=1, group=7, capacity=4096, num_indices=0, tail_len=1000, sms=132, per_sm=2):
+def plan(batch=1, kv_heads=4, q_len=1, group=7, capacity=4096, num_indices=0, tail_len=1000, sms=132, per_sm=2,
+         launched_per_sm=0, splits_per_block=0):
     tiles, info = std_ext.ops.decode_split_plan(batch, kv_heads, q_len, group, capacity, num_indices, tail_len,
-                                                sms, per_sm)
+                                                sms, per_sm, launched_per_sm, splits_per_block)
     return tiles, info.tolist()
+
+
+def by_split(tiles):
+    """The tiles split by split, each split's in its order (blocks may take several splits)."""
+    return sorted(tuple(row) for row in tiles.tolist())
 
 
 def tile_set(tiles):
@@ -44,8 +50,9 @@ def test_split_points_independent_of_qn_and_capacity(batch, kv_heads, sms, per_s
         base_tiles, base_info = plan(batch, kv_heads, 1, 7, capacities[0], num_indices, tail_len, sms, per_sm)
         for capacity, delta, (q_len, group) in itertools.product(
                 capacities, (0, 1, 7, GAMMA_MAX + 1), [(1, 1), (1, 7), (10, 7), (13, 8), (20, 8), (1, 16)]):
-            tiles, info = plan(batch, kv_heads, q_len, group, capacity + delta, num_indices, tail_len, sms, per_sm)
-            assert torch.equal(tiles, base_tiles), (capacity, delta, q_len, group, tail_len)
+            tiles, info = plan(batch, kv_heads, q_len, group, capacity + delta, num_indices, tail_len, sms, per_sm,
+                               launched_per_sm=1)
+            assert by_split(tiles) == by_split(base_tiles), (capacity, delta, q_len, group, tail_len)
             assert info[:3] == base_info[:3]
 
 
@@ -123,9 +130,57 @@ def test_one_wave_of_blocks(batch, kv_heads, sms, per_sm):
                           (10, 4, 1, 4, 1), (10, 7, 1, 8, 1), (16, 8, 1, 8, 1), (20, 8, 1, 8, 2)])
 def test_layout_follows_the_rows(q_len, group, layout, warps, row_groups):
     _, info = plan(q_len=q_len, group=group)
-    assert info[3:] == [layout, warps, row_groups]
+    assert info[3:6] == [layout, warps, row_groups]
 
 
 def test_bad_arguments_name_the_op():
-    for args in [(0, 4, 1, 7, 10, 0, 10, 132, 2), (1, 4, 1, 7, 10, -1, 10, 132, 2), (1, 4, 1, 7, 10, 0, 10, 0, 2)]:
+    for args in [(0, 4, 1, 7, 10, 0, 10, 132, 2), (1, 4, 1, 7, 10, -1, 10, 132, 2), (1, 4, 1, 7, 10, 0, 10, 0, 2),
+                 (1, 4, 1, 7, 10, 0, 10, 132, 2, -1), (1, 4, 1, 7, 10, 0, 10, 132, 2, 0, 257)]:
         assert_raises_naming(lambda: std_ext.ops.decode_split_plan(*args), "decode_split_plan")
+
+
+def blocks_in_order(splits, split_blocks, tiles_of):
+    """An independent enumeration of what each block of the kernel's grid computes: block x
+    takes splits x, x + split_blocks, ... in turn, each one's tiles in order."""
+    return [(split, order) for x in range(split_blocks) for split in range(x, splits, split_blocks)
+            for order in range(tiles_of[split])]
+
+
+@pytest.mark.parametrize("batch, kv_heads, sms, per_sm", GPUS)
+@pytest.mark.parametrize("q_len, group", [(1, 7), (4, 7), (10, 7), (16, 8), (20, 8), (40, 8)])
+@pytest.mark.parametrize("launched_per_sm", [0, 1, 2, 3])
+def test_blocks_take_their_splits_in_turn_and_fit_one_wave(batch, kv_heads, sms, per_sm, q_len, group,
+                                                           launched_per_sm):
+    """Where the launched variant holds fewer blocks per SM than the splits were sized for (the
+    eight-warp rows variant of a verify), or there are several row groups, a block takes
+    several splits in turn: the fewest that fit the grid in one wave of that variant (all of
+    them where even that does not fit); the splits and their tiles stay those of Qn = 1."""
+    for num_indices, tail_len in [(0, 0), (0, 1), (0, 63 * 64 + 5), (1024, 30), (300, 9999), (0, 40000)]:
+        tiles, info = plan(batch, kv_heads, q_len, group, 0, num_indices, tail_len, sms, per_sm, launched_per_sm)
+        base_tiles, base_info = plan(batch, kv_heads, 1, 1, 0, num_indices, tail_len, sms, per_sm)
+        splits, row_groups, per_block, split_blocks = info[0], info[5], info[6], info[7]
+        assert info[:3] == base_info[:3] and by_split(tiles) == by_split(base_tiles)
+        assert base_info[6:] == [1, splits]  # plain decoding: one split per block
+        launched = launched_per_sm or per_sm
+        blocks = lambda n: batch * kv_heads * row_groups * n  # noqa: E731
+        fits = blocks(split_blocks) <= sms * launched
+        fewer_blocks_fit = blocks(-(-splits // (per_block - 1))) <= sms * launched if per_block > 1 else False
+        assert split_blocks == -(-splits // per_block) and per_block <= splits
+        assert (fits or split_blocks == 1) and not fewer_blocks_fit, (info, launched)
+        tiles_of = [0] * splits
+        for split, *_ in tiles.tolist():
+            tiles_of[split] += 1
+        assert [tuple(row[:2]) for row in tiles.tolist()] == blocks_in_order(splits, split_blocks, tiles_of)
+
+
+@pytest.mark.parametrize("splits_per_block", [1, 2, 3, 5, 7, 100, 256])
+def test_forced_splits_per_block(splits_per_block):
+    """STD_EXT_DECODE_SPLITS_PER_BLOCK's count, as the op takes it: the blocks enumerate every
+    tile once, block by block, split by split (ragged: the first splits hold a tile more)."""
+    for tail_len in (0, 1, 64 * 7, 64 * 66 + 1, 64 * 300 + 17):
+        tiles, info = plan(1, 2, 1, 7, 0, 0, tail_len, 132, 2, 0, splits_per_block)
+        splits, per_block, split_blocks = info[0], info[6], info[7]
+        assert splits == 132 and per_block == -(-splits // split_blocks)
+        assert split_blocks == -(-splits // min(splits_per_block, splits))
+        tiles_of = [len(range(s, -(-tail_len // 64), splits)) for s in range(splits)]
+        assert [tuple(row[:2]) for row in tiles.tolist()] == blocks_in_order(splits, split_blocks, tiles_of)

@@ -135,6 +135,8 @@ def decode_split_plan(
     tail_len: int,
     sm_count: int,
     blocks_per_sm: int,
+    launched_blocks_per_sm: int = 0,
+    splits_per_block: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Introspection: how the CUDA decode kernels cut a position list (not an attention op).
 
@@ -144,17 +146,23 @@ def decode_split_plan(
     tile), then ``tail_len`` tail positions (dense: ``kv_len``). Tiles of 64 entries go
     round-robin to the splits; each split takes its tiles in ascending order and the merge
     combines the splits. ``sm_count`` and ``blocks_per_sm`` are the device's (the CUDA glue
-    reads the latter from the occupancy API). Eager only (no fake kernel).
+    reads the latter from the occupancy API). ``launched_blocks_per_sm`` is the occupancy of
+    the kernel variant the plan launches (0: ``blocks_per_sm``); where it holds fewer blocks
+    than the splits assume, each block takes several splits in turn so that the grid stays
+    one wave. ``splits_per_block`` > 0 forces that count (as ``STD_EXT_DECODE_SPLITS_PER_BLOCK``
+    does on the GPU). Eager only (no fake kernel).
 
     Returns
     -------
     tiles : Tensor, int32 [num_tiles, 4]
-        Per tile, grouped by split in processing order: ``(split, order, first entry, end entry)``.
-    plan : Tensor, int32 [6]
-        ``(num_splits, tail_offset, tile entries, layout (1 rows, 2 keys), warps per block, row groups)``.
+        Per tile, in the order the kernel's blocks take them (block by block; within a block
+        split by split, each split's tiles in order): ``(split, order, first entry, end entry)``.
+    plan : Tensor, int32 [8]
+        ``(num_splits, tail_offset, tile entries, layout (1 rows, 2 keys), warps per block, row groups,
+        splits per block, split blocks)``.
     """
     return torch.ops.std.decode_split_plan(batch, kv_heads, q_len, group, capacity, num_indices, tail_len,
-                                           sm_count, blocks_per_sm)
+                                           sm_count, blocks_per_sm, launched_blocks_per_sm, splits_per_block)
 
 
 # --- fake kernels: shapes for torch.compile, plus the C++ argument checks ---------

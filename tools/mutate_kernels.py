@@ -72,6 +72,7 @@ DECODE = "kernels/decode_attention.cuh"
 TOPK = "kernels/topk_indices.cuh"
 SCORES = "kernels/attention_scores.cuh"
 MMA = "kernels/mma_utils.cuh"
+PLAN = "kernels/decode_plan.h"
 ATTENTION = ("decode",)
 ALL = ("decode", "topk", "scores")
 
@@ -85,7 +86,7 @@ MUTANTS = (
            "  mma::cp_async_wait<kTileGroups * (kStages - 1) + 1>();  // this thread's query chunks have landed\n",
            "the query copy is not waited for (the wait leaves one group too many in flight)", ATTENTION),
     Mutant("empty_split_leaves_lse_unwritten", DECODE,
-           "      p.partial_lse[out_row * p.num_splits + split] = -INFINITY;\n", "",
+           "        p.partial_lse[output_row(row) * p.num_splits + block.split(i)] = -INFINITY;\n", "",
            "a split with no tile exits without marking its rows empty for the merge", ATTENTION),
     Mutant("merge_skips_live_splits", DECODE,
            "    if (w == 0.f) continue;", "    if (w < 0.5f) continue;",
@@ -101,8 +102,8 @@ MUTANTS = (
            "    // with tile j - 1, whose stage the next issue refills.\n",
            "no barrier between a tile landing and its use / the refill of the previous stage", ATTENTION),
     Mutant("missing_exchange_barrier", DECODE,
-           "      prob_exchange[warp * 32 + lane] = probabilities(0);\n      __syncthreads();\n",
-           "      prob_exchange[warp * 32 + lane] = probabilities(0);\n",
+           "        prob_exchange[warp * 32 + lane] = probabilities(0);\n        __syncthreads();\n",
+           "        prob_exchange[warp * 32 + lane] = probabilities(0);\n",
            "keys layout: warps read each other's probabilities before they are written", ATTENTION),
     Mutant("k_group_not_committed", DECODE,
            "    if constexpr (kSplitKV) mma::cp_async_commit();\n", "",
@@ -110,6 +111,20 @@ MUTANTS = (
     Mutant("query_copy_not_committed", DECODE,
            "    }\n    mma::cp_async_commit();\n  }\n  {\n    int first_indices", "    }\n  }\n  {\n    int first_indices",
            "the queries' copies are not committed as their own group: the first wait does not cover them", ATTENTION),
+    Mutant("next_split_keeps_accumulators", DECODE,
+           "    for (int n = 0; n < kAccBlocks; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;\n"
+           "    row_max[0] = row_max[1] = -INFINITY;\n",
+           "    row_max[0] = row_max[1] = -INFINITY;\n",
+           "a block that takes several splits starts the next one with the last one's P.V sums", ATTENTION),
+    Mutant("split_finished_a_tile_early", DECODE,
+           "if (tile.order + 1 == block.split_tiles(tile.split_index))",
+           "if (tile.order + 2 == block.split_tiles(tile.split_index))",
+           "a block that takes several splits writes a split out before its last tile", ATTENTION),
+    Mutant("block_takes_neighbouring_splits", PLAN,
+           "  STD_EXT_HOST_DEVICE int split(int i) const { return first_split + i * split_blocks; }",
+           "  STD_EXT_HOST_DEVICE int split(int i) const { return first_split + i; }",
+           "a block's splits are taken as neighbours, not strided: some are computed twice, others never",
+           ATTENTION),
     Mutant("merge_skips_griddep_wait", DECODE,
            "  mma::wait_for_primary_grid();\n", "",
            "the dependent merge reads the partials without waiting for the attention grid", ATTENTION),

@@ -16,15 +16,21 @@
 namespace std_ext {
 namespace {
 
-// Returns (tiles int32 [num_tiles, 4], plan int32 [6]).
+// Returns (tiles int32 [num_tiles, 4], plan int32 [8]).
 //   tiles: one row per tile of a list with num_indices keep entries and tail_len tail
-//     entries, grouped by split and in the order the split takes them: (split, order,
-//     first list entry, end list entry); entries [num_indices, tail_offset) are padding.
+//     entries, in the order the kernel's blocks take them (block 0's tiles, then block 1's,
+//     ...; within a block its splits in turn, each split's tiles in order: the kernel's own
+//     DecodeBlockTiles enumerates them): (split, order, first list entry, end list entry);
+//     entries [num_indices, tail_offset) are padding. With one split per block this is
+//     split by split.
 //   plan: (num_splits, tail_offset, tile entries, layout (1 rows, 2 keys), warps per block,
-//     row groups).
+//     row groups, splits per block, split blocks).
+// launched_blocks_per_sm is the launched variant's occupancy (0: blocks_per_sm);
+// splits_per_block > 0 forces that many, as STD_EXT_DECODE_SPLITS_PER_BLOCK does.
 std::tuple<at::Tensor, at::Tensor> decode_split_plan(int64_t batch, int64_t kv_heads, int64_t q_len, int64_t group,
                                                      int64_t capacity, int64_t num_indices, int64_t tail_len,
-                                                     int64_t sm_count, int64_t blocks_per_sm) {
+                                                     int64_t sm_count, int64_t blocks_per_sm,
+                                                     int64_t launched_blocks_per_sm, int64_t splits_per_block) {
   const char* op = "std::decode_split_plan: ";
   TORCH_CHECK(batch >= 1 && kv_heads >= 1 && q_len >= 1 && group >= 1, op,
               "batch, kv_heads, q_len and group must be >= 1, got ", batch, ", ", kv_heads, ", ", q_len, ", ", group);
@@ -32,6 +38,10 @@ std::tuple<at::Tensor, at::Tensor> decode_split_plan(int64_t batch, int64_t kv_h
               "capacity, num_indices and tail_len must be >= 0, got ", capacity, ", ", num_indices, ", ", tail_len);
   TORCH_CHECK(sm_count >= 1 && sm_count <= INT_MAX && blocks_per_sm >= 1 && blocks_per_sm <= INT_MAX, op,
               "sm_count and blocks_per_sm must be >= 1, got ", sm_count, ", ", blocks_per_sm);
+  TORCH_CHECK(launched_blocks_per_sm >= 0 && launched_blocks_per_sm <= INT_MAX && splits_per_block >= 0 &&
+                  splits_per_block <= kernels::kDecodeMaxSplits,
+              op, "launched_blocks_per_sm must be >= 0 and splits_per_block in [0, ", kernels::kDecodeMaxSplits,
+              "], got ", launched_blocks_per_sm, ", ", splits_per_block);
   TORCH_CHECK(num_indices + tail_len + 2 * kernels::kDecodeTileKeys <= INT_MAX, op,
               "num_indices + tail_len exceeds the kernel's int32 range");
 
@@ -45,18 +55,25 @@ std::tuple<at::Tensor, at::Tensor> decode_split_plan(int64_t batch, int64_t kv_h
   in.sm_count = static_cast<int>(sm_count);
   in.blocks_per_sm = static_cast<int>(blocks_per_sm);
   in.layout = kernels::DecodeLayout::kAuto;
+  in.launched_blocks_per_sm = static_cast<int>(launched_blocks_per_sm);
+  in.forced_splits_per_block = static_cast<int>(splits_per_block);
   const kernels::DecodeSplitPlan plan = kernels::plan_decode_attention(in);
 
   const int list_len = kernels::decode_list_len(plan.tail_offset, 0, static_cast<int>(tail_len));
   const int list_tiles = kernels::decode_list_tiles(list_len);
   at::Tensor tiles = at::empty({list_tiles, 4}, at::TensorOptions().dtype(at::kInt));
   int32_t* row = tiles.mutable_data_ptr<int32_t>();
-  for (int split = 0; split < plan.num_splits; ++split) {
-    const int count = kernels::decode_split_tiles(list_tiles, split, plan.num_splits);
-    for (int order = 0; order < count; ++order, row += 4) {
-      const int first = kernels::decode_tile_first_entry(split, order, plan.num_splits);
+  for (int x = 0; x < plan.split_blocks; ++x) {
+    const kernels::DecodeBlockTiles block(list_tiles, x, plan.split_blocks, plan.num_splits);
+    for (int flat = 0; flat < block.tiles; ++flat, row += 4) {
+      const kernels::DecodeBlockTiles::Tile tile = block.tile(flat);
+      const int split = block.split(tile.split_index);
+      const int first = block.first_entry(flat);
+      TORCH_CHECK(first == kernels::decode_tile_first_entry(split, tile.order, plan.num_splits) &&
+                      tile.order < kernels::decode_split_tiles(list_tiles, split, plan.num_splits),
+                  op, "internal error: block ", x, "'s tile ", flat, " is not a tile of split ", split);
       row[0] = split;
-      row[1] = order;
+      row[1] = tile.order;
       row[2] = first;
       row[3] = first + kernels::kDecodeTileKeys < list_len ? first + kernels::kDecodeTileKeys : list_len;
     }
@@ -64,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> decode_split_plan(int64_t batch, int64_t kv_h
   TORCH_CHECK(row == tiles.mutable_data_ptr<int32_t>() + 4 * int64_t{list_tiles}, op,
               "internal error: the splits do not cover the list's tiles exactly once");
 
-  at::Tensor info = at::empty({6}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor info = at::empty({8}, at::TensorOptions().dtype(at::kInt));
   int32_t* v = info.mutable_data_ptr<int32_t>();
   v[0] = plan.num_splits;
   v[1] = plan.tail_offset;
@@ -72,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor> decode_split_plan(int64_t batch, int64_t kv_h
   v[3] = static_cast<int32_t>(plan.layout);
   v[4] = plan.warps;
   v[5] = plan.row_groups;
+  v[6] = plan.splits_per_block;
+  v[7] = plan.split_blocks;
   return {tiles, info};
 }
 

@@ -41,6 +41,21 @@ inline kernels::DecodeLayout decode_layout_from_env(const char* op) {
   return rows ? kernels::DecodeLayout::kRows : keys ? kernels::DecodeLayout::kKeys : kernels::DecodeLayout::kAuto;
 }
 
+// STD_EXT_DECODE_SPLITS_PER_BLOCK=N (unset or 0: the plan's own) makes each block of the
+// decode kernel take N of the splits in turn. Which block computes a split never changes
+// its bits, so this too is for benchmarks (1: the verify grid as it ran before the plan
+// folded its extra waves into longer blocks) and for tests that check exactly that.
+inline int decode_splits_per_block_from_env(const char* op) {
+  const char* value = std::getenv("STD_EXT_DECODE_SPLITS_PER_BLOCK");
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0 && n <= kernels::kDecodeMaxSplits, "std::", op,
+              ": STD_EXT_DECODE_SPLITS_PER_BLOCK must be an integer in [0, ", kernels::kDecodeMaxSplits, "], got '",
+              value, "'");
+  return static_cast<int>(n);
+}
+
 // Runs the decode kernel for q/k/v (and, for sparse_attention, indices/tail_start),
 // writing a fresh contiguous [B, Qn, H_q, D] output. Each op's file instantiates only its
 // own variant (kSparse), which halves its build time.
@@ -63,6 +78,7 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
   const at::Tensor starts = kSparse ? tail_start->contiguous() : at::Tensor();
   const at::Tensor keep = kSparse ? indices->contiguous() : at::Tensor();
   const kernels::DecodeLayout layout = decode_layout_from_env(op);
+  const int forced_splits_per_block = decode_splits_per_block_from_env(op);
   const int sms = sm_count(q);
   const cudaStream_t stream = current_stream(q);
 
@@ -79,9 +95,14 @@ at::Tensor run_decode_attention(const char* op, const at::Tensor& q, const at::T
     in.sm_count = sms;
     in.blocks_per_sm = kernels::decode_blocks_per_sm<T, kHeadDim, kSparse>(q.device().index());
     in.layout = layout;
+    in.forced_splits_per_block = forced_splits_per_block;
+    // The variant depends on the plan's layout, and how many splits a block takes on the
+    // variant's occupancy: plan once for the layout, then with it.
+    in.launched_blocks_per_sm = kernels::decode_launched_blocks_per_sm<T, kHeadDim, kSparse>(
+        kernels::plan_decode_attention(in), q.device().index());
     const kernels::DecodeSplitPlan plan = kernels::plan_decode_attention(in);
 
-    // Grid: (splits, KV heads x row groups, batch); the merge: one block per output row.
+    // Grid: (split blocks, KV heads x row groups, batch); the merge: one block per output row.
     TORCH_CHECK(dims.batch <= 65535 && dims.kv_heads * plan.row_groups <= 65535, "std::", op,
                 ": the CUDA kernel takes at most 65535 sequences and 65535 x ", plan.block_rows,
                 " query rows (Qn x H_q) per call, got B = ", dims.batch, ", Qn = ", dims.q_len, ", H_q = ",

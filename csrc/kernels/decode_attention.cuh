@@ -5,13 +5,16 @@
 // launchers at the bottom of this file.
 //
 // Work split (decode_plan.h): the position list of a (sequence b, KV head h) is cut into
-// 64-entry tiles, and tile t belongs to split t % num_splits. Grid = (split, KV head x
-// row group, sequence). A block stages the Qn x G query rows of its KV head (query-major:
-// row r is query r / G, head r % G) and streams its split's tiles (split, split +
-// num_splits, ...) through shared memory with a multi-stage cp.async pipeline, so each
-// K/V row is read once for all the rows of the group. A block writes either the final
-// output (one split) or a normalized partial output and its log2-sum-exp, which a second
-// kernel merges, all splits of a row at once.
+// 64-entry tiles, and tile t belongs to split t % num_splits. Grid = (split block, KV head
+// x row group, sequence); split block x takes splits x, x + split_blocks, ... (usually
+// one; more where the launched variant holds fewer blocks per SM than the splits assume,
+// so the grid still fits one wave). A block stages the Qn x G query rows of its KV head
+// (query-major: row r is query r / G, head r % G) and streams its splits' tiles (split,
+// split + num_splits, ..., then its next split's) through shared memory with a
+// multi-stage cp.async pipeline, so each K/V row is read once for all the rows of the
+// group. At the end of each split it writes either the final output (one split) or a
+// normalized partial output and its log2-sum-exp, which a second kernel merges, all
+// splits of a row at once.
 //
 // Two warp layouts compute a tile (decode_plan.h, DecodeLayout):
 //   kRows  warp w owns query rows 16w..16w+15 and every key of the tile;
@@ -163,7 +166,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* const row_exchange = reinterpret_cast<float*>(vis_smem + kStages * kTileKeys);  // [4][16]
   uint4* const prob_exchange = reinterpret_cast<uint4*>(row_exchange + kKeyGroups * kRowsPerWarp);  // [4][32]
 
-  const int split = blockIdx.x;
   const int row_groups = gridDim.y / p.kv_heads;
   const int h = blockIdx.y / row_groups;
   const int row_group = blockIdx.y % row_groups;
@@ -174,6 +176,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   const int rows_total = p.q_len * p.group;
   const int row_base = row_group * kBlockRows;
+  // Output row of query row `row` (query row / G, head h * G + row % G) in [B, Qn, H_q].
+  auto output_row = [&](int row) {
+    return (static_cast<int64_t>(b) * p.q_len + row / p.group) * p.q_heads + h * p.group + row % p.group;
+  };
 
   // This sequence's list (decode_plan.h), with unchecked values made safe.
   const int kv_len = min(max(p.kv_len[b], 0), p.capacity);
@@ -181,21 +187,25 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int num_indices = kSparse ? p.num_indices : 0;
   const int tail_offset = kSparse ? p.tail_offset : 0;
   const int list_len = decode_list_len(tail_offset, tail_start, kv_len);
-  const int num_tiles = decode_split_tiles(decode_list_tiles(list_len), split, p.num_splits);
+  // This block's splits (blockIdx.x, + gridDim.x, ...: decode_plan.h) and their tiles, one
+  // sequence that the pipeline streams without a break between splits.
+  const DecodeBlockTiles block(decode_list_tiles(list_len), blockIdx.x, gridDim.x, p.num_splits);
+  const int num_tiles = block.tiles;
 
   // A split that owns no tile of this list (most splits of a draft over a short keep set)
   // adds nothing to any row: with several splits it marks its rows empty for the merge
   // (lse = -inf, a weight of exactly 0, which the merge skips without reading the partial)
-  // and leaves, instead of staging Q and writing a zero partial. Block-uniform.
-  if (num_tiles == 0 && p.num_splits > 1) {
-    for (int r = tid; r < kBlockRows; r += kThreads) {
-      const int row = row_base + r;
-      if (row >= rows_total) break;
-      const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + row / p.group) * p.q_heads + h * p.group +
-                              row % p.group;
-      p.partial_lse[out_row * p.num_splits + split] = -INFINITY;
+  // instead of writing a zero partial; a block with no tile at all leaves without staging
+  // Q. Block-uniform. A split with no tile holds the fewest, so these are the block's last.
+  if (p.num_splits > 1 && block.shorter == 0) {
+    for (int i = block.longer; i < block.splits; ++i) {
+      for (int r = tid; r < kBlockRows; r += kThreads) {
+        const int row = row_base + r;
+        if (row >= rows_total) break;
+        p.partial_lse[output_row(row) * p.num_splits + block.split(i)] = -INFINITY;
+      }
     }
-    return;
+    if (num_tiles == 0) return;
   }
 
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
@@ -233,7 +243,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int copy_row0 = tid / kChunksPerRow;
   int prefetched_index[kRowsPerThread];  // raw indices of the next tile to issue (sparse)
 
-  auto first_entry = [&](int j) { return decode_tile_first_entry(split, j, p.num_splits); };
+  auto first_entry = [&](int j) { return block.first_entry(j); };
 
   auto load_indices = [&](int j, int (&indices)[kRowsPerThread]) {
     if constexpr (kSparse) {
@@ -256,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int stage = j % kStages;
     T* k_dst = kv_smem + 2 * stage * kTileElems;
     T* v_dst = k_dst + kTileElems;
-    const int base = first_entry(j);
+    const int base = j < num_tiles ? first_entry(j) : INT_MAX - kTileKeys;  // past the list: nothing
     int position[kRowsPerThread];  // -1: nothing to read (zero-filled)
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {
@@ -301,6 +311,68 @@ __global__ void __launch_bounds__(kWarps * 32)
   float row_sum[kSumGroups][2];
 #pragma unroll
   for (int k = 0; k < kSumGroups; ++k) row_sum[k][0] = row_sum[k][1] = 0.f;
+
+  // ---- the end of a split: its row sums, then the output (one split) or the split's
+  // partial; then a fresh state for the block's next split. Block-uniform (the keys layout
+  // exchanges the sums through shared memory).
+  auto finish_split = [&](int split) {
+    float sum[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if constexpr (kKeySplit) {
+        const float mine = quad_sum(row_sum[0][half]);
+        if (t4 == 0) row_exchange[warp * kRowsPerWarp + g + 8 * half] = mine;
+      } else {
+        float group[kKeyGroups];
+#pragma unroll
+        for (int k = 0; k < kKeyGroups; ++k) group[k] = quad_sum(row_sum[k][half]);
+        sum[half] = __fadd_rn(__fadd_rn(group[0], group[1]), __fadd_rn(group[2], group[3]));
+      }
+    }
+    if constexpr (kKeySplit) {
+      __syncthreads();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* l = row_exchange + g + 8 * half;
+        sum[half] = __fadd_rn(__fadd_rn(l[0], l[kRowsPerWarp]), __fadd_rn(l[2 * kRowsPerWarp], l[3 * kRowsPerWarp]));
+      }
+    }
+    if (!warp_active) return;
+
+    const int col0 = kKeySplit ? warp * kAccBlocks * 8 : 0;  // first head_dim column of acc
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_base + warp_row0 + g + 8 * half;
+      if (row >= rows_total) continue;
+      const int64_t out_row = output_row(row);
+      const bool saw_something = sum[half] > 0.f;
+      const float inv_sum = saw_something ? __fdiv_rn(1.f, sum[half]) : 0.f;
+      if (p.num_splits == 1) {
+        T* dst = static_cast<T*>(p.out) + out_row * kHeadDim + col0;
+#pragma unroll
+        for (int n = 0; n < kAccBlocks; ++n) {
+          *reinterpret_cast<uint32_t*>(dst + n * 8 + 2 * t4) =
+              E::pack(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
+        }
+      } else {
+        const int64_t partial_row = out_row * p.num_splits + split;
+        float* dst = p.partial_out + partial_row * kHeadDim + col0;
+#pragma unroll
+        for (int n = 0; n < kAccBlocks; ++n) {
+          *reinterpret_cast<float2*>(dst + n * 8 + 2 * t4) =
+              make_float2(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
+        }
+        if (t4 == 0 && (!kKeySplit || warp == 0)) {
+          p.partial_lse[partial_row] = saw_something ? __fadd_rn(row_max[half], log2f(sum[half])) : -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kAccBlocks; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kSumGroups; ++k) row_sum[k][0] = row_sum[k][1] = 0.f;
+  };
 
   // ---- prologue: the query rows and the first kStages - 1 tiles go out together, so their
   // DRAM round trips overlap instead of following one another (and the keep-set indices of
@@ -360,178 +432,130 @@ __global__ void __launch_bounds__(kWarps * 32)
     issue_tile(j + kStages - 1, prefetched_index);
     prefetch_indices(j + kStages);
 
-    if (!warp_active) continue;  // kRows only: kKeys warps are always active
-    const int stage = j % kStages;
-    const T* k_tile = kv_smem + 2 * stage * kTileElems;
-    const T* v_tile = k_tile + kTileElems;
-    const int* vis = vis_smem + stage * kTileKeys;
-    const int m = lane / 8;
-    // kKeys: this warp's keys start at 16 * warp.
-    const int key0 = kKeySplit ? 16 * warp : 0;
+    if (warp_active) {  // kRows only: kKeys warps are always active
+      const int stage = j % kStages;
+      const T* k_tile = kv_smem + 2 * stage * kTileElems;
+      const T* v_tile = k_tile + kTileElems;
+      const int* vis = vis_smem + stage * kTileKeys;
+      const int m = lane / 8;
+      // kKeys: this warp's keys start at 16 * warp.
+      const int key0 = kKeySplit ? 16 * warp : 0;
 
-    // logits[n][.]: keys key0 + 8n + 2t4 (+1), rows g (c0, c1) and g + 8 (c2, c3)
-    float logits[kLogitBlocks][4];
+      // logits[n][.]: keys key0 + 8n + 2t4 (+1), rows g (c0, c1) and g + 8 (c2, c3)
+      float logits[kLogitBlocks][4];
 #pragma unroll
-    for (int n = 0; n < kLogitBlocks; ++n) logits[n][0] = logits[n][1] = logits[n][2] = logits[n][3] = 0.f;
+      for (int n = 0; n < kLogitBlocks; ++n) logits[n][0] = logits[n][1] = logits[n][2] = logits[n][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
 #pragma unroll
-      for (int np = 0; np < kLogitBlocks / 2; ++np) {
-        uint32_t kb[4];
-        const int key = key0 + np * 16 + (m / 2) * 8 + lane % 8;
-        mma::ldmatrix_x4(kb, k_tile + swizzled<kHeadDim>(key, ks * 2 + m % 2));
-        E::mma(logits[2 * np], q_frag[ks], kb[0], kb[1]);
-        E::mma(logits[2 * np + 1], q_frag[ks], kb[2], kb[3]);
+        for (int np = 0; np < kLogitBlocks / 2; ++np) {
+          uint32_t kb[4];
+          const int key = key0 + np * 16 + (m / 2) * 8 + lane % 8;
+          mma::ldmatrix_x4(kb, k_tile + swizzled<kHeadDim>(key, ks * 2 + m % 2));
+          E::mma(logits[2 * np], q_frag[ks], kb[0], kb[1]);
+          E::mma(logits[2 * np + 1], q_frag[ks], kb[2], kb[3]);
+        }
       }
-    }
 
-    float tile_max[2] = {-INFINITY, -INFINITY};
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < kLogitBlocks; ++n) {
+      for (int n = 0; n < kLogitBlocks; ++n) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int half = c / 2;
-        const bool visible = vis[key0 + n * 8 + 2 * t4 + (c & 1)] <= row_pos[half];
-        logits[n][c] = visible ? __fmul_rn(logits[n][c], p.scale_log2) : -INFINITY;
-        tile_max[half] = fmaxf(tile_max[half], logits[n][c]);
+        for (int c = 0; c < 4; ++c) {
+          const int half = c / 2;
+          const bool visible = vis[key0 + n * 8 + 2 * t4 + (c & 1)] <= row_pos[half];
+          logits[n][c] = visible ? __fmul_rn(logits[n][c], p.scale_log2) : -INFINITY;
+          tile_max[half] = fmaxf(tile_max[half], logits[n][c]);
+        }
       }
-    }
 #pragma unroll
-    for (int half = 0; half < 2; ++half) tile_max[half] = quad_max(tile_max[half]);
-    if constexpr (kKeySplit) {
-      // The tile max over all four warps' keys (max is exact: any order gives the same).
-      if (t4 == 0) {
-        row_exchange[warp * kRowsPerWarp + g] = tile_max[0];
-        row_exchange[warp * kRowsPerWarp + g + 8] = tile_max[1];
+      for (int half = 0; half < 2; ++half) tile_max[half] = quad_max(tile_max[half]);
+      if constexpr (kKeySplit) {
+        // The tile max over all four warps' keys (max is exact: any order gives the same).
+        if (t4 == 0) {
+          row_exchange[warp * kRowsPerWarp + g] = tile_max[0];
+          row_exchange[warp * kRowsPerWarp + g + 8] = tile_max[1];
+        }
+        // Tile j's V has landed for this thread; the barrier makes every thread's copy (and
+        // the maxima) visible before P.V reads them.
+        mma::cp_async_wait<kPendingAtV>();
+        __syncthreads();
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int w = 0; w < kKeyGroups; ++w) {
+            tile_max[half] = fmaxf(tile_max[half], row_exchange[w * kRowsPerWarp + g + 8 * half]);
+          }
+        }
       }
-      // Tile j's V has landed for this thread; the barrier makes every thread's copy (and
-      // the maxima) visible before P.V reads them.
-      mma::cp_async_wait<kPendingAtV>();
-      __syncthreads();
+      float alpha[2], shift[2];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < 2; ++half) softmax_step(row_max[half], tile_max[half], shift[half], alpha[half]);
 #pragma unroll
-        for (int w = 0; w < kKeyGroups; ++w) {
-          tile_max[half] = fmaxf(tile_max[half], row_exchange[w * kRowsPerWarp + g + 8 * half]);
+      for (int n = 0; n < kLogitBlocks; ++n) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) logits[n][c] = exp2f(__fsub_rn(logits[n][c], shift[c / 2]));
+      }
+#pragma unroll
+      for (int k = 0; k < kSumGroups; ++k) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          row_sum[k][half] = __fmaf_rn(row_sum[k][half], alpha[half], group_sum(logits[2 * k], logits[2 * k + 1], half));
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kAccBlocks; ++n) {
+        acc[n][0] = __fmul_rn(acc[n][0], alpha[0]);
+        acc[n][1] = __fmul_rn(acc[n][1], alpha[0]);
+        acc[n][2] = __fmul_rn(acc[n][2], alpha[1]);
+        acc[n][3] = __fmul_rn(acc[n][3], alpha[1]);
+      }
+
+      // P.V: the probabilities' accumulator layout is already mma's A layout (16 keys kk).
+      auto probabilities = [&](int kk) {
+        uint4 pa;
+        pa.x = E::pack(logits[2 * kk][0], logits[2 * kk][1]);
+        pa.y = E::pack(logits[2 * kk][2], logits[2 * kk][3]);
+        pa.z = E::pack(logits[2 * kk + 1][0], logits[2 * kk + 1][1]);
+        pa.w = E::pack(logits[2 * kk + 1][2], logits[2 * kk + 1][3]);
+        return pa;
+      };
+      if constexpr (kKeySplit) {
+        prob_exchange[warp * 32 + lane] = probabilities(0);
+        __syncthreads();
+      }
+#pragma unroll
+      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+        uint4 packed;
+        if constexpr (kKeySplit) {
+          packed = prob_exchange[kk * 32 + lane];
+        } else {
+          packed = probabilities(kk);
+        }
+        const uint32_t pa[4] = {packed.x, packed.y, packed.z, packed.w};
+        const int key = kk * 16 + (m % 2) * 8 + lane % 8;
+#pragma unroll
+        for (int dl = 0; dl < kAccBlocks / 2; ++dl) {
+          // kKeys: this warp's columns start at 16-column chunk warp * kAccBlocks / 2.
+          const int dp = (kKeySplit ? warp * (kAccBlocks / 2) : 0) + dl;
+          uint32_t vb[4];
+          mma::ldmatrix_x4_trans(vb, v_tile + swizzled<kHeadDim>(key, dp * 2 + m / 2));
+          E::mma(acc[2 * dl], pa, vb[0], vb[1]);
+          E::mma(acc[2 * dl + 1], pa, vb[2], vb[3]);
         }
       }
     }
-    float alpha[2], shift[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) softmax_step(row_max[half], tile_max[half], shift[half], alpha[half]);
-#pragma unroll
-    for (int n = 0; n < kLogitBlocks; ++n) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) logits[n][c] = exp2f(__fsub_rn(logits[n][c], shift[c / 2]));
-    }
-#pragma unroll
-    for (int k = 0; k < kSumGroups; ++k) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        row_sum[k][half] = __fmaf_rn(row_sum[k][half], alpha[half], group_sum(logits[2 * k], logits[2 * k + 1], half));
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kAccBlocks; ++n) {
-      acc[n][0] = __fmul_rn(acc[n][0], alpha[0]);
-      acc[n][1] = __fmul_rn(acc[n][1], alpha[0]);
-      acc[n][2] = __fmul_rn(acc[n][2], alpha[1]);
-      acc[n][3] = __fmul_rn(acc[n][3], alpha[1]);
-    }
-
-    // P.V: the probabilities' accumulator layout is already mma's A layout (16 keys kk).
-    auto probabilities = [&](int kk) {
-      uint4 pa;
-      pa.x = E::pack(logits[2 * kk][0], logits[2 * kk][1]);
-      pa.y = E::pack(logits[2 * kk][2], logits[2 * kk][3]);
-      pa.z = E::pack(logits[2 * kk + 1][0], logits[2 * kk + 1][1]);
-      pa.w = E::pack(logits[2 * kk + 1][2], logits[2 * kk + 1][3]);
-      return pa;
-    };
-    if constexpr (kKeySplit) {
-      prob_exchange[warp * 32 + lane] = probabilities(0);
-      __syncthreads();
-    }
-#pragma unroll
-    for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-      uint4 packed;
-      if constexpr (kKeySplit) {
-        packed = prob_exchange[kk * 32 + lane];
-      } else {
-        packed = probabilities(kk);
-      }
-      const uint32_t pa[4] = {packed.x, packed.y, packed.z, packed.w};
-      const int key = kk * 16 + (m % 2) * 8 + lane % 8;
-#pragma unroll
-      for (int dl = 0; dl < kAccBlocks / 2; ++dl) {
-        // kKeys: this warp's columns start at 16-column chunk warp * kAccBlocks / 2.
-        const int dp = (kKeySplit ? warp * (kAccBlocks / 2) : 0) + dl;
-        uint32_t vb[4];
-        mma::ldmatrix_x4_trans(vb, v_tile + swizzled<kHeadDim>(key, dp * 2 + m / 2));
-        E::mma(acc[2 * dl], pa, vb[0], vb[1]);
-        E::mma(acc[2 * dl + 1], pa, vb[2], vb[3]);
-      }
+    // The last tile of one of the block's splits, and another follows: that split is done.
+    if (j + 1 < num_tiles) {
+      const DecodeBlockTiles::Tile tile = block.tile(j);
+      if (tile.order + 1 == block.split_tiles(tile.split_index)) finish_split(block.split(tile.split_index));
     }
   }
   mma::cp_async_wait<0>();  // no copy may outlive the block (they are all empty by now)
   // The merge (a dependent launch) may start its blocks now; it waits for this grid's
   // completion before reading anything.
   mma::launch_dependent_grids();
-
-  // ---- epilogue: the row sums, then the output (one split) or the split's partial
-  float sum[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    if constexpr (kKeySplit) {
-      const float mine = quad_sum(row_sum[0][half]);
-      if (t4 == 0) row_exchange[warp * kRowsPerWarp + g + 8 * half] = mine;
-    } else {
-      float group[kKeyGroups];
-#pragma unroll
-      for (int k = 0; k < kKeyGroups; ++k) group[k] = quad_sum(row_sum[k][half]);
-      sum[half] = __fadd_rn(__fadd_rn(group[0], group[1]), __fadd_rn(group[2], group[3]));
-    }
-  }
-  if constexpr (kKeySplit) {
-    __syncthreads();
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float* l = row_exchange + g + 8 * half;
-      sum[half] = __fadd_rn(__fadd_rn(l[0], l[kRowsPerWarp]), __fadd_rn(l[2 * kRowsPerWarp], l[3 * kRowsPerWarp]));
-    }
-  }
-  if (!warp_active) return;
-
-  const int col0 = kKeySplit ? warp * kAccBlocks * 8 : 0;  // first head_dim column of acc
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row_base + warp_row0 + g + 8 * half;
-    if (row >= rows_total) continue;
-    const int i = row / p.group;
-    const int head = h * p.group + row % p.group;
-    const int64_t out_row = (static_cast<int64_t>(b) * p.q_len + i) * p.q_heads + head;
-    const bool saw_something = sum[half] > 0.f;
-    const float inv_sum = saw_something ? __fdiv_rn(1.f, sum[half]) : 0.f;
-    if (p.num_splits == 1) {
-      T* dst = static_cast<T*>(p.out) + out_row * kHeadDim + col0;
-#pragma unroll
-      for (int n = 0; n < kAccBlocks; ++n) {
-        *reinterpret_cast<uint32_t*>(dst + n * 8 + 2 * t4) =
-            E::pack(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
-      }
-    } else {
-      const int64_t partial_row = out_row * p.num_splits + split;
-      float* dst = p.partial_out + partial_row * kHeadDim + col0;
-#pragma unroll
-      for (int n = 0; n < kAccBlocks; ++n) {
-        *reinterpret_cast<float2*>(dst + n * 8 + 2 * t4) =
-            make_float2(__fmul_rn(acc[n][2 * half], inv_sum), __fmul_rn(acc[n][2 * half + 1], inv_sum));
-      }
-      if (t4 == 0 && (!kKeySplit || warp == 0)) {
-        p.partial_lse[partial_row] = saw_something ? __fadd_rn(row_max[half], log2f(sum[half])) : -INFINITY;
-      }
-    }
-  }
+  finish_split(block.split(num_tiles > 0 ? block.tile(num_tiles - 1).split_index : 0));
 }
 
 // One block per output row merges all num_splits partials at once: thread s takes split
@@ -665,10 +689,11 @@ template <typename T, int kHeadDim, int kWarps, bool kSparse, bool kKeySplit>
 constexpr auto decode_kernel = decode_attention_kernel<T, kHeadDim, kWarps, kSparse, kKeySplit>;
 
 template <typename T, int kHeadDim, int kWarps, bool kSparse, bool kKeySplit>
-cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, int row_groups, cudaStream_t stream) {
+cudaError_t launch_decode_attention_variant(const DecodeAttentionParams& p, const DecodeSplitPlan& plan,
+                                            cudaStream_t stream) {
   constexpr auto kernel = decode_kernel<T, kHeadDim, kWarps, kSparse, kKeySplit>;
   constexpr int kSmem = smem_bytes<T, kHeadDim>();
-  const dim3 grid(p.num_splits, p.kv_heads * row_groups, p.batch);
+  const dim3 grid(plan.split_blocks, p.kv_heads * plan.row_groups, p.batch);
   cudaError_t err = mma::launch_with_dynamic_smem<kernel, kSmem>(
       [&] { launch_kernel(kernel, grid, kWarps * 32, kSmem, stream, p); });
   if (err != cudaSuccess || p.num_splits == 1) return err;
@@ -703,6 +728,17 @@ int decode_blocks_per_sm(int device) {
                                      smem_bytes<T, kHeadDim>()>(device);
 }
 
+// Resident blocks per SM of the variant a plan launches (its layout and warps): the plan's
+// launched_blocks_per_sm, which sets how many splits a block takes in turn.
+template <typename T, int kHeadDim, bool kSparse>
+int decode_launched_blocks_per_sm(const DecodeSplitPlan& plan, int device) {
+  using namespace decode_detail;
+  constexpr int kSmem = smem_bytes<T, kHeadDim>();
+  if (plan.layout == DecodeLayout::kKeys) return decode_blocks_per_sm<T, kHeadDim, kSparse>(device);
+  if (plan.warps == 4) return mma::resident_blocks_per_sm<decode_kernel<T, kHeadDim, 4, kSparse, false>, 4 * 32, kSmem>(device);
+  return mma::resident_blocks_per_sm<decode_kernel<T, kHeadDim, 8, kSparse, false>, 8 * 32, kSmem>(device);
+}
+
 // Shapes of the partial buffers a plan needs (none when num_splits == 1).
 inline int64_t decode_partial_rows(const DecodeAttentionParams& p) {
   return p.num_splits > 1 ? static_cast<int64_t>(p.batch) * p.q_len * p.q_heads * p.num_splits : 0;
@@ -722,12 +758,12 @@ cudaError_t launch_decode_attention(const DecodeAttentionParams& p, const Decode
   using namespace decode_detail;
   if (p.batch == 0 || p.q_len * p.group == 0) return cudaSuccess;
   if (plan.layout == DecodeLayout::kKeys) {
-    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, true>(p, 1, stream);
+    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, true>(p, plan, stream);
   }
   if (plan.warps == 4) {
-    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, false>(p, plan.row_groups, stream);
+    return launch_decode_attention_variant<T, kHeadDim, 4, kSparse, false>(p, plan, stream);
   }
-  return launch_decode_attention_variant<T, kHeadDim, 8, kSparse, false>(p, plan.row_groups, stream);
+  return launch_decode_attention_variant<T, kHeadDim, 8, kSparse, false>(p, plan, stream);
 }
 
 }  // namespace std_ext::kernels

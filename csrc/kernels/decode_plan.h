@@ -66,6 +66,11 @@ struct DecodePlanInputs {
   int sm_count;         // multiprocessors of the device
   int blocks_per_sm;    // resident blocks of the kKeys kernel per SM (occupancy API)
   DecodeLayout layout;  // kAuto: kKeys for up to 16 rows, else kRows
+  // Resident blocks per SM of the variant the plan launches (its layout and warps); 0: the
+  // same as blocks_per_sm. Sets only how many splits one block takes in turn.
+  int launched_blocks_per_sm = 0;
+  // > 0: take this many splits per block (tests and benchmarks; any value gives the same bits).
+  int forced_splits_per_block = 0;
 };
 
 struct DecodeSplitPlan {
@@ -75,6 +80,13 @@ struct DecodeSplitPlan {
   int warps;        // per block
   int block_rows;   // query rows (Qn x G) per block
   int row_groups;   // blocks per (split, KV head) along the rows
+  // Splits one block takes in turn (its pipeline runs on from one into the next): block x
+  // of the grid's first dimension takes splits x, x + split_blocks, ... Enough that the
+  // grid fits the launched variant in one wave where the keys layout's splits would need
+  // more (the eight-warp rows variant holds fewer blocks per SM). Which block computes a
+  // split never changes its bits, so this may depend on Qn.
+  int splits_per_block;
+  int split_blocks;  // the grid's first dimension: ceil(num_splits / splits_per_block)
 };
 
 constexpr int64_t decode_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -107,6 +119,21 @@ inline DecodeSplitPlan plan_decode_attention(const DecodePlanInputs& in) {
     plan.block_rows = plan.warps * kDecodeRowsPerWarp;
   }
   plan.row_groups = rows > 0 ? static_cast<int>(decode_ceil_div(rows, plan.block_rows)) : 1;
+
+  // The fewest splits per block that fit the grid in one wave of the launched variant (all
+  // of them when even that does not fit: fewer, longer blocks then).
+  const int launched = in.launched_blocks_per_sm > 0 ? in.launched_blocks_per_sm : in.blocks_per_sm;
+  const int64_t slots = int64_t{in.sm_count > 0 ? in.sm_count : 1} * (launched > 0 ? launched : 1);
+  const int64_t blocks_per_split = in.batch * in.kv_heads * plan.row_groups;
+  int per_block = 1;
+  while (per_block < plan.num_splits && decode_ceil_div(plan.num_splits, per_block) * blocks_per_split > slots) {
+    ++per_block;
+  }
+  if (in.forced_splits_per_block > 0) per_block = in.forced_splits_per_block;
+  if (per_block > plan.num_splits) per_block = plan.num_splits;
+  plan.split_blocks = static_cast<int>(decode_ceil_div(plan.num_splits, per_block));
+  // The same block count with the splits spread as evenly as it allows.
+  plan.splits_per_block = static_cast<int>(decode_ceil_div(plan.num_splits, plan.split_blocks));
   return plan;
 }
 
@@ -128,5 +155,48 @@ STD_EXT_HOST_DEVICE inline int decode_split_tiles(int list_tiles, int split, int
 STD_EXT_HOST_DEVICE inline int decode_tile_first_entry(int split, int order, int num_splits) {
   return (split + order * num_splits) * kDecodeTileKeys;
 }
+
+// The tiles of one block of the grid's first dimension, which takes splits first_split,
+// first_split + split_blocks, ... (below num_splits), each one's tiles in order, as one
+// sequence: its tile `flat` is tile `order` of `split`, the last of that split's `tiles`.
+// Splits below list_tiles % num_splits hold one tile more than the others, so the block's
+// first `longer` splits hold `shorter + 1` tiles and the rest `shorter`.
+struct DecodeBlockTiles {
+  int first_split, split_blocks, num_splits;
+  int splits;   // splits of this block
+  int shorter;  // tiles of its shorter splits: list_tiles / num_splits
+  int longer;   // how many of its splits (the first ones) hold shorter + 1
+  int tiles;    // all its tiles
+
+  STD_EXT_HOST_DEVICE DecodeBlockTiles(int list_tiles, int first, int blocks, int num)
+      : first_split(first), split_blocks(blocks), num_splits(num) {
+    splits = first < num ? (num - first + blocks - 1) / blocks : 0;
+    shorter = list_tiles / num;
+    const int extra = list_tiles % num;  // splits 0 .. extra - 1 hold one tile more
+    longer = first < extra ? (extra - first + blocks - 1) / blocks : 0;
+    if (longer > splits) longer = splits;
+    tiles = longer * (shorter + 1) + (splits - longer) * shorter;
+  }
+  // The i-th split of the block and how many tiles it holds.
+  STD_EXT_HOST_DEVICE int split(int i) const { return first_split + i * split_blocks; }
+  STD_EXT_HOST_DEVICE int split_tiles(int i) const { return shorter + (i < longer ? 1 : 0); }
+
+  struct Tile {
+    int split_index;  // i: the block's i-th split
+    int order;        // the tile's place in that split
+  };
+  // flat in [0, tiles).
+  STD_EXT_HOST_DEVICE Tile tile(int flat) const {
+    if (splits == 1) return {0, flat};
+    const int long_tiles = longer * (shorter + 1);
+    if (flat < long_tiles) return {flat / (shorter + 1), flat % (shorter + 1)};
+    const int rest = flat - long_tiles;
+    return {longer + rest / shorter, rest % shorter};
+  }
+  STD_EXT_HOST_DEVICE int first_entry(int flat) const {
+    const Tile t = tile(flat);
+    return decode_tile_first_entry(split(t.split_index), t.order, num_splits);
+  }
+};
 
 }  // namespace std_ext::kernels
