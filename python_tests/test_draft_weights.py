@@ -8,8 +8,9 @@
 * The draft steps really run the copy and the verify / dense steps the model's own
   weights (the LM head's outputs are checked against both, step by step).
 * The copy is made once per model, re-made after an in-place weight edit, and what it
-  costs is in ``stats``; an unknown precision, one the device cannot run, or a
-  tensor-parallel model is refused before any module runs.
+  costs is in ``stats``; an unknown precision or one the device cannot run is refused
+  before any module runs, and so is a linear layer sharded in a way the copy cannot
+  reproduce (the tensor-parallel runs themselves: ``test_draft_weights_tp.py``).
 """
 
 import pytest
@@ -208,7 +209,17 @@ def test_a_precision_the_gpu_cannot_run_is_refused(monkeypatch):
     dw.check_draft_weights("int8", cuda)
 
 
-def test_tensor_parallel_models_are_refused():
-    with pytest.raises(ValueError, match=r"draft_weights: 'int4' on a tensor-parallel model"):
-        dw.check_draft_weights("int4", torch.device("cpu"), tensor_parallel=True)
-    dw.check_draft_weights(None, torch.device("cpu"), tensor_parallel=True)
+def test_an_unknown_tensor_parallel_sharding_is_refused():
+    """A sharded weight whose layer does not run transformers' column- or row-parallel forward:
+    quantizing it without the plan's collectives would compute another function on each rank."""
+    from torch.distributed.tensor import Shard
+
+    class Mesh:
+        ndim = 1
+
+    layer = torch.nn.Linear(64, 32)
+    layer.weight.device_mesh = Mesh()  # the DTensor interface the copy reads
+    layer.weight.placements = (Shard(0),)
+    with pytest.raises(ValueError, match=r"draft_weights: 'int8': a tensor-parallel Linear .* does not reproduce"):
+        dw._quantize_linear(layer, "int8")
+    dw.check_draft_weights("int4", torch.device("cpu"), tensor_parallel=True)  # every precision runs under TP

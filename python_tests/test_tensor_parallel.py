@@ -71,7 +71,9 @@ def _run_all(models: dict, device: str) -> dict:
     return results
 
 
-def _rank_main(rank: int, world: int, port: int, paths: dict, backend: str, queue) -> None:
+def _rank_entry(rank: int, world: int, port: int, paths: dict, backend: str, queue, body) -> None:
+    """One rank: joins the group, loads every checkpoint with ``tp_plan="auto"`` and reports
+    ``body(rank, models, device)``'s ``(heads, results)``, or its traceback."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
@@ -85,31 +87,35 @@ def _rank_main(rank: int, world: int, port: int, paths: dict, backend: str, queu
         import transformers
         from transformers.distributed import DistributedConfig
 
-        from std_ext.models import ModelAdapter
-
-        models, heads = {}, {}
+        models = {}
         dtype = torch.float32 if backend == "gloo" else torch.bfloat16
         for kind, path in paths.items():
             config = transformers.AutoConfig.from_pretrained(path)
             cls = getattr(transformers, config.architectures[0])
-            model = cls.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype).eval()
-            models[kind] = model
-            heads[kind] = ModelAdapter.for_model(model).num_kv_heads
-        results = _run_all(models, device)
-        # different prompts on different ranks: an error on every rank before the prefill, not a hang
-        inputs = {k: v.to(device) for k, v in _inputs("qwen2").items()}
-        inputs["input_ids"] = (inputs["input_ids"] + rank) % 200
-        try:
-            std_ext.generate(models["qwen2"], **inputs, max_new_tokens=2)
-            results["mismatch"] = "accepted"
-        except ValueError as error:
-            results["mismatch"] = str(error)
-        queue.put((rank, heads, results, None))
+            models[kind] = cls.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
+                                               dtype=dtype).eval()
+        queue.put((rank, *body(rank, models, device), None))
     except Exception:  # report, so the parent fails with the rank's traceback instead of a timeout
         queue.put((rank, None, None, traceback.format_exc()))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _rank_main(rank: int, models: dict, device: str) -> tuple[dict, dict]:
+    from std_ext.models import ModelAdapter
+
+    heads = {kind: ModelAdapter.for_model(model).num_kv_heads for kind, model in models.items()}
+    results = _run_all(models, device)
+    # different prompts on different ranks: an error on every rank before the prefill, not a hang
+    inputs = {k: v.to(device) for k, v in _inputs("qwen2").items()}
+    inputs["input_ids"] = (inputs["input_ids"] + rank) % 200
+    try:
+        std_ext.generate(models["qwen2"], **inputs, max_new_tokens=2)
+        results["mismatch"] = "accepted"
+    except ValueError as error:
+        results["mismatch"] = str(error)
+    return heads, results
 
 
 def _free_port() -> int:
@@ -118,11 +124,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(paths: dict, backend: str, world: int = 2) -> list:
+def _spawn(paths: dict, backend: str, world: int = 2, body=_rank_main) -> list:
+    """Runs ``body`` (a module-level function, see :func:`_rank_entry`) on ``world`` ranks; their reports, by rank."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(rank, world, port, paths, backend, queue))
+    processes = [context.Process(target=_rank_entry, args=(rank, world, port, paths, backend, queue, body))
                  for rank in range(world)]
     for process in processes:
         process.start()
@@ -138,14 +145,19 @@ def _spawn(paths: dict, backend: str, world: int = 2) -> list:
     return sorted(reports, key=lambda report: report[0])
 
 
-@pytest.fixture(scope="module")
-def checkpoints():
+def saved_checkpoints(kinds):
+    """Yields ``{kind: folder}`` of the tiny models saved for ``from_pretrained`` (removed after)."""
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
-        for kind in KINDS:
+        for kind in kinds:
             paths[kind] = os.path.join(folder, kind)
             make_model(kind).save_pretrained(paths[kind])
         yield paths
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    yield from saved_checkpoints(KINDS)
 
 
 def _single_process_references() -> tuple[dict, dict]:

@@ -30,7 +30,15 @@ Precisions, and the PyTorch kernels that run them:
   fp8's *agreement*, not a speed path.
 
 Layers that are not ``nn.Linear`` (fused MoE expert tensors) and the embeddings keep the
-model's precision. Tensor-parallel models are refused (see :func:`check_draft_weights`).
+model's precision.
+
+Under ``transformers``' tensor parallelism each rank quantizes its own shard of every
+column- and row-parallel linear layer (the LM head too, sharded as the plan shards it), and
+the quantized forward runs inside the plan's own input and output transforms: a
+column-parallel layer's output stays this rank's slice (or is gathered, as the plan says), a
+row-parallel layer's partial product is all-reduced before its bias is added. The draft's
+collectives are therefore the model's own, on every rank in the same order, and each rank
+holds about ``1 / world`` of the single-process copy.
 """
 
 from __future__ import annotations
@@ -57,18 +65,17 @@ def _error(message: str) -> ValueError:
 
 
 def check_draft_weights(draft_weights, device: torch.device, tensor_parallel: bool = False) -> None:
-    """Refuse, before any work, a ``draft_weights`` this device (or model) cannot run.
+    """Refuse, before any work, a ``draft_weights`` this device cannot run.
 
     ``None`` (the model's own weights) is always valid. Raises ``ValueError`` naming
-    ``draft_weights`` and the precision.
+    ``draft_weights`` and the precision. ``tensor_parallel`` changes nothing (every precision
+    runs on a tensor-parallel model, each rank on its own shard); callers that pass it keep working.
     """
+    del tensor_parallel
     if draft_weights is None:
         return
     if draft_weights not in PRECISIONS:
         raise _error(f"must be None or one of {', '.join(map(repr, PRECISIONS))}, got {draft_weights!r}")
-    if tensor_parallel:
-        raise _error(f"{draft_weights!r} on a tensor-parallel model is not implemented (each rank would have to "
-                     "quantize its own shard and keep the plan's collectives); pass draft_weights=None")
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if draft_weights == "fp8" and (major, minor) < (8, 9):
@@ -97,8 +104,14 @@ class _QuantizedLinear:
 
     bias: torch.Tensor | None
     nbytes: int  # bytes a forward reads for its weight (packed weight, scales, zero points)
+    sharded: _Sharding | None = None  # the tensor-parallel plan this rank's shard runs inside
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sharded is None:
+            return self.local(x)
+        return self.sharded(self.local, x)
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = self.matmul(x.reshape(-1, shape[-1]))
         if self.bias is not None:
@@ -199,8 +212,69 @@ class _Fp8Linear(_QuantizedLinear):
         return y * self.scale
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel (DTensor) parameter; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
+class _Sharding:
+    """The tensor-parallel plan's own input and output transforms around a rank's quantized shard.
+
+    ``transformers`` installs its transforms around the layer's original forward in a closure
+    that cannot be pointed at another matrix product, so the quantized forward calls the same
+    style's transforms itself: the draft then runs exactly the collectives of the model's own
+    forward (a row-parallel all-reduce, a gathered LM head), in the same order on every rank.
+    """
+
+    def __init__(self, module: torch.nn.Module, style, mesh) -> None:
+        self.module, self.style, self.mesh = module, style, mesh
+
+    def __call__(self, local, x: torch.Tensor) -> torch.Tensor:
+        (x, *_), _ = self.style.transform_inputs_pre_forward(self.module, (x,), {}, self.mesh)
+        return self.style.transform_output_post_forward(self.module, local(x), self.mesh)
+
+
+def _sharding_of(module: torch.nn.Linear, precision: str) -> tuple[_Sharding, bool] | None:
+    """How tensor parallelism shards ``module`` (None: it does not) and whether the local
+    forward adds the bias (a column shard's own slice) or the plan adds it after the reduce (rows).
+
+    Only the column- and row-parallel linear styles are reproduced; any other sharding of a
+    linear layer is refused, since a quantized forward without the plan's collectives would
+    compute something else on each rank.
+    """
+    weight = module.weight
+    if not hasattr(weight, "device_mesh"):
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    from transformers.distributed.tensor_parallel import ColwiseParallel, RowwiseParallel
+
+    forward = module.__dict__.get("forward")
+    cells = [cell.cell_contents for cell in (getattr(forward, "__closure__", None) or ())]
+    style = next((c for c in cells if isinstance(c, (ColwiseParallel, RowwiseParallel))), None)
+    mesh = next((c for c in cells if isinstance(c, DeviceMesh)), None)
+    placements = tuple(weight.placements)
+    row = isinstance(style, RowwiseParallel)
+    sharded_dim = 1 if row else 0
+    if (style is None or mesh is None or mesh.ndim != 1 or len(placements) != 1
+            or not isinstance(placements[0], Shard) or placements[0].dim % 2 != sharded_dim):
+        raise _error(f"{precision!r}: a tensor-parallel {type(module).__name__} ({tuple(weight.shape)}, placements "
+                     f"{placements}) is sharded in a way std_ext does not reproduce (only transformers' column- and "
+                     "row-parallel linear styles on a 1-D mesh are quantized per shard); pass draft_weights=None")
+    return _Sharding(module, style, mesh), not row
+
+
 def _quantize_linear(module: torch.nn.Linear, precision: str) -> _QuantizedLinear:
-    weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    sharding = _sharding_of(module, precision)
+    weight = _local(module.weight.detach())
+    bias = None if module.bias is None or (sharding is not None and not sharding[1]) else _local(module.bias.detach())
+    quantized = _quantize(module, weight, bias, precision)
+    quantized.sharded = None if sharding is None else sharding[0]
+    return quantized
+
+
+def _quantize(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+              precision: str) -> _QuantizedLinear:
     if precision == "bf16":
         return _Bf16Linear(weight, bias)
     if precision == "int8":
@@ -209,9 +283,10 @@ def _quantize_linear(module: torch.nn.Linear, precision: str) -> _QuantizedLinea
         return _Fp8Linear(weight, bias)
     group = group_size(weight.shape[1])
     if group is None or (weight.device.type == "cuda" and weight.shape[0] % 8):
+        shard = " (this rank's shard)" if hasattr(module.weight, "device_mesh") else ""
         raise _error(f"'int4' needs every linear layer's input width to be a multiple of 32 (and, on CUDA, its "
-                     f"output width a multiple of 8); {type(module).__name__} is {weight.shape[1]} -> {weight.shape[0]}; "
-                     "use 'int8'")
+                     f"output width a multiple of 8); {type(module).__name__} is {weight.shape[1]} -> {weight.shape[0]}"
+                     f"{shard}; use 'int8'")
     return _Int4Linear(weight, bias, group)
 
 
@@ -229,6 +304,8 @@ class DraftWeights:
     nbytes : memory the copy holds (0 for ``"bf16"`` of a bfloat16 model: it shares the weights)
     weight_bytes : bytes one draft step reads for the quantized layers' weights
     original_bytes : bytes the same layers' own weights take (what a verify step reads for them)
+
+    Under tensor parallelism every figure is this rank's: its shards, quantized.
     """
 
     precision: str
@@ -279,7 +356,7 @@ def draft_weights_for(model: torch.nn.Module, decoder: torch.nn.Module, precisio
     layer's weight was changed in place since (its version counter moved).
     """
     linears = draft_linears(model, decoder)
-    versions = tuple(m.weight._version for m in linears)
+    versions = tuple(_local(m.weight)._version for m in linears)
     per_model = _CACHE.setdefault(model, {})
     cached = per_model.get(precision)
     if cached is not None and cached.versions == versions and len(cached.layers) == len(linears) and all(
@@ -289,7 +366,7 @@ def draft_weights_for(model: torch.nn.Module, decoder: torch.nn.Module, precisio
         layers = [(m, _quantize_linear(m, precision)) for m in linears]
     held = sum(q.nbytes for _, q in layers)
     weight_bytes = held if precision != "bf16" else sum(q.weight.nbytes for _, q in layers)
-    original = sum(m.weight.nbytes for m in linears)
+    original = sum(_local(m.weight).nbytes for m in linears)
     per_model[precision] = DraftWeights(precision=precision, layers=layers, nbytes=held, weight_bytes=weight_bytes,
                                         original_bytes=original, versions=versions)
     return per_model[precision]
@@ -303,16 +380,29 @@ def weight_bytes_ratio(precision: str | None, model_dtype: torch.dtype) -> float
 
 
 def prepare(model: torch.nn.Module, decoder: torch.nn.Module, precision, device: torch.device, mode: str,
-            tensor_parallel: bool) -> DraftWeights | None:
+            ranks=None) -> DraftWeights | None:
     """Check ``draft_weights`` (before any work) and return the copy the draft steps use.
 
     None for ``precision=None`` and in vanilla mode (no draft step runs; the argument is
-    still checked, so a typo is an error in either mode).
+    still checked, so a typo is an error in either mode). Under tensor parallelism each rank
+    quantizes its own shards, and ``ranks`` (a :class:`~std_ext.distributed.RankAgreement`)
+    makes a refusal, or different precisions on different ranks, an error on every rank
+    rather than a hang of the ranks that went on.
     """
-    check_draft_weights(precision, device, tensor_parallel)
-    if precision is None or mode != "std":
-        return None
-    return draft_weights_for(model, decoder, precision)
+    check_draft_weights(precision, device)
+    draft, error = None, None
+    if precision is not None and mode == "std":
+        try:
+            draft = draft_weights_for(model, decoder, precision)
+        except ValueError as caught:
+            error = caught
+    if ranks is not None and not ranks.same([-1 if precision is None else PRECISIONS.index(precision),
+                                              float(error is not None)]):
+        raise error or _error(f"{precision!r}: the tensor-parallel ranks were given different draft_weights, or "
+                              "another rank could not quantize its shard (its error names the layer)")
+    if error is not None:
+        raise error
+    return draft
 
 
 def read_bytes(weight_bytes: float, element_bytes: int, precision: str | None,

@@ -26,7 +26,7 @@ from . import draft_weights as draft_weights_module
 from . import generation_inputs, sampling
 from .attention import ForwardStep
 from .cache import KeepSets, StaticCache
-from .distributed import RankAgreement, tensor_parallel_size
+from .distributed import RankAgreement
 from .gamma import GammaController, round_trials
 from .models import ModelAdapter
 from .selection import SelectionInputs, SelectionPolicy, StepKeepSets, keep_indices
@@ -216,8 +216,7 @@ def generate(
     device = input_ids.device
     batch, width = input_ids.shape
     max_new_tokens = args.max_new_tokens
-    draft = draft_weights_module.prepare(model, adapter.decoder, draft_weights, device, mode,
-                                         tensor_parallel_size(model) > 1)
+    draft = draft_weights_module.prepare(model, adapter.decoder, draft_weights, device, mode, ranks)
     stats = GenerationStats(mode=mode, gamma=gamma, budget=budget, gamma_auto=call.gamma_auto)
     if draft is not None:
         stats.draft_weights, stats.draft_weights_bytes = draft.precision, draft.nbytes
