@@ -30,22 +30,33 @@ struct CacheHeadView {
   int64_t row_stride;  // between positions s and s + 1
 };
 
+// Asks for the cache rows of the block after the current one while the current one is
+// computed: a verify's rows take long enough that its K/V reads then cost almost nothing.
+template <typename T>
+inline void prefetch_rows(const CacheHeadView<T>& view, const int64_t* positions, int64_t n, int64_t head_dim) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per 64-byte cache line
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = view.base + positions[j] * view.row_stride;
+    for (int64_t d = 0; d < head_dim; d += kLine) __builtin_prefetch(row + d);
+  }
+}
+
 // Scratch buffers of one thread, reused across the (sequence, KV head) tasks it runs.
 class AttendScratch {
  public:
   void resize(int64_t rows, int64_t head_dim) {
-    padded_rows_ = round_up(rows, kRowTile);
-    q_.assign(padded_rows_ * head_dim, 0.f);
-    acc_.assign(padded_rows_ * head_dim, 0.f);
-    p_.assign(padded_rows_ * kKeyBlock, 0.f);
+    q_.assign(rows * head_dim, 0.f);
+    acc_.assign(rows * head_dim, 0.f);
+    p_.assign(rows * kKeyBlock, 0.f);
     kT_.resize(head_dim * kKeyBlock);
     v_.resize(kKeyBlock * head_dim);
+    visible_.resize(rows);
     row_max_.assign(rows, -std::numeric_limits<float>::infinity());
     row_sum_.assign(rows, 0.f);
   }
 
-  int64_t padded_rows_ = 0;
   std::vector<float> q_, acc_, p_, kT_, v_, row_max_, row_sum_;
+  std::vector<int64_t> visible_;
 };
 
 // The queries of one group attend to `positions` (ascending, each at most once), and
@@ -75,35 +86,21 @@ void attend_kv_head_state(const QueryGroupView<const T>& q, int64_t q_len, int64
     // Every K/V row of the block is converted once and serves all Qn x G query rows.
     load_keys_transposed(k.base, k.row_stride, block, n, head_dim, scratch.kT_.data());
     load_values(v.base, v.row_stride, block, n, head_dim, scratch.v_.data());
-    block_logits(scratch.q_.data(), scratch.padded_rows_, head_dim, scratch.kT_.data(), scratch.p_.data(),
-                 kKeyBlock);
-
+    if (start + kKeyBlock < total) {
+      const int64_t next = std::min(kKeyBlock, total - start - kKeyBlock);
+      prefetch_rows(k, block + kKeyBlock, next, head_dim);
+      prefetch_rows(v, block + kKeyBlock, next, head_dim);
+    }
+    block_logits(scratch.q_.data(), rows, head_dim, scratch.kT_.data(), scratch.p_.data(), kKeyBlock);
     for (int64_t r = 0; r < rows; ++r) {
-      float* p = scratch.p_.data() + r * kKeyBlock;
-      // Positions ascend, so the ones this row sees form a prefix of the block.
+      // Positions ascend, so the ones row r sees form a prefix of the block.
       const int64_t own_pos = first_query_pos + r / group;
       const int64_t last_visible = std::max(always_visible_below - 1, own_pos);
-      const int64_t visible = std::upper_bound(block, block + n, last_visible) - block;
-      const float block_max = mask_and_max(p, visible);
-      if (visible == 0) {
-        std::fill(p, p + kKeyBlock, 0.f);
-        continue;
-      }
-      const float old_max = scratch.row_max_[r];
-      const float new_max = std::max(old_max, block_max);
-      const float block_sum = exp_shifted_and_sum(p, kKeyBlock, new_max);
-      if (new_max != old_max) {
-        const float alpha = std::exp(old_max - new_max);  // 0 on the first visible block
-        float* acc = scratch.acc_.data() + r * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) acc[d] *= alpha;
-        scratch.row_sum_[r] *= alpha;
-      }
-      scratch.row_sum_[r] += block_sum;
-      scratch.row_max_[r] = new_max;
+      scratch.visible_[r] = std::upper_bound(block, block + n, last_visible) - block;
     }
-    // Padding rows (zero queries) must add nothing.
-    std::fill(scratch.p_.begin() + rows * kKeyBlock, scratch.p_.end(), 0.f);
-    block_weighted_sum(scratch.p_.data(), scratch.padded_rows_, head_dim, scratch.v_.data(), scratch.acc_.data());
+    block_softmax(scratch.p_.data(), rows, scratch.visible_.data(), scratch.row_max_.data(),
+                  scratch.row_sum_.data(), scratch.acc_.data(), head_dim);
+    block_weighted_sum(scratch.p_.data(), rows, head_dim, scratch.v_.data(), scratch.acc_.data());
   }
 }
 
