@@ -250,36 +250,60 @@ STD_EXT_INLINE float horizontal_max(Vec max) {
   return result;
 }
 
-// One row's online-softmax step (block_math.h: block_softmax). The max and the sum use the
-// same lanes and order for every row: lane-wise over the block's 8-key vectors, then the
-// lanes in order.
-STD_EXT_INLINE void softmax_row(float* p, int64_t visible, float& row_max, float& row_sum, float* acc,
-                                int64_t head_dim) {
-  if (visible == 0) {
-    std::fill(p, p + kKeyBlock, 0.f);
-    return;
-  }
+// The online-softmax step (block_math.h: block_softmax) of kRows rows that each see at
+// least one key of the block, in lockstep so that the rows' dependency chains (max, exp,
+// sum) overlap. Each row's arithmetic is the same whatever kRows: the max and the sum use
+// the same lanes and order for every row, lane-wise over the block's 8-key vectors, then
+// the lanes in order.
+template <int kRows>
+STD_EXT_INLINE void softmax_rows(float* p, const int64_t* visible, float* row_max, float* row_sum, float* acc,
+                                 int64_t head_dim) {
   const Vec minus_inf = broadcast(kMinusInf);
   const IntVec lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
-  Vec max = minus_inf;
+  Vec max[kRows], shift[kRows], sum[kRows];
+  float new_max[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) max[r] = minus_inf;
   for (int64_t j = 0; j < kKeyBlock; j += kLanes) {
-    Vec x = load(p + j);
-    if (j + kLanes > visible) {
-      x = lane_index + static_cast<int32_t>(j) >= static_cast<int32_t>(visible) ? minus_inf : x;
-      store(p + j, x);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      float* pr = p + r * kKeyBlock;
+      Vec x = load(pr + j);
+      if (j + kLanes > visible[r]) {
+        x = lane_index + static_cast<int32_t>(j) >= static_cast<int32_t>(visible[r]) ? minus_inf : x;
+        store(pr + j, x);
+      }
+      max[r] = x > max[r] ? x : max[r];
     }
-    max = x > max ? x : max;
   }
-  const float old_max = row_max;
-  const float new_max = std::max(old_max, horizontal_max(max));
-  const float block_sum = exp_shifted_and_sum_impl(p, kKeyBlock, new_max);
-  if (new_max != old_max) {
-    const float alpha = std::exp(old_max - new_max);  // 0 on the first visible block
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= alpha;
-    row_sum *= alpha;
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    new_max[r] = std::max(row_max[r], horizontal_max(max[r]));
+    shift[r] = broadcast(new_max[r]);
+    sum[r] = Vec{};
   }
-  row_sum += block_sum;
-  row_max = new_max;
+  for (int64_t j = 0; j < kKeyBlock; j += kLanes) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      float* pr = p + r * kKeyBlock;
+      const Vec e = exp_for_softmax(load(pr + j) - shift[r]);
+      store(pr + j, e);
+      sum[r] += e;
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    float block_sum = 0.f;
+    for (int64_t lane = 0; lane < kLanes; ++lane) block_sum += sum[r][lane];
+    if (new_max[r] != row_max[r]) {
+      const float alpha = std::exp(row_max[r] - new_max[r]);  // 0 on the first visible block
+      float* acc_r = acc + r * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) acc_r[d] *= alpha;
+      row_sum[r] *= alpha;
+    }
+    row_sum[r] += block_sum;
+    row_max[r] = new_max[r];
+  }
 }
 
 // ---- the entry points of this build ----
@@ -308,9 +332,22 @@ void block_logits(const float* q, int64_t rows, int64_t head_dim, const float* k
 
 void block_softmax(float* p, int64_t rows, const int64_t* visible, float* row_max, float* row_sum, float* acc,
                    int64_t head_dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    softmax_row(p + r * kKeyBlock, visible[r], row_max[r], row_sum[r], acc + r * head_dim, head_dim);
+  const auto one_row = [&](int64_t r) {
+    if (visible[r] == 0) {  // the state stays; the row adds nothing to acc
+      std::fill(p + r * kKeyBlock, p + (r + 1) * kKeyBlock, 0.f);
+    } else {
+      softmax_rows<1>(p + r * kKeyBlock, visible + r, row_max + r, row_sum + r, acc + r * head_dim, head_dim);
+    }
+  };
+  int64_t r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile) {
+    if (std::all_of(visible + r, visible + r + kRowTile, [](int64_t n) { return n > 0; })) {
+      softmax_rows<kRowTile>(p + r * kKeyBlock, visible + r, row_max + r, row_sum + r, acc + r * head_dim, head_dim);
+    } else {
+      for (int64_t i = r; i < r + kRowTile; ++i) one_row(i);
+    }
   }
+  for (; r < rows; ++r) one_row(r);
 }
 
 float exp_shifted_and_sum(float* x, int64_t n, float shift) { return exp_shifted_and_sum_impl(x, n, shift); }
