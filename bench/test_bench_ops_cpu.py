@@ -15,7 +15,10 @@ Shapes: Qwen2-0.5B-like attention (14 query heads, 2 KV heads, head_dim 64), bat
 - attention_scores: T = 32 observation queries at the end of the context.
 - topk_indices: k = context / 8 over a candidates mask covering 90% of the context (float32 scores).
 - sparse_attention: keep set of context / 8 random sorted positions + a 64-token tail; Qn 1 and 10.
-- dense_attention: Qn 1 (decoding) and 10 (verification of gamma = 9 drafts).
+- dense_attention: Qn 1 (decoding) and 10 (verification of gamma = 9 drafts). The summary also
+  prints the kernel's Qn = 10 / Qn = 1 median ratio per dtype and context (bench/conftest.py);
+  the two are timed minutes apart here, so on a shared machine prefer bench/cpu_verify_ratio.py,
+  which alternates them call by call (and defaults to SmolLM2's 9 / 3 heads).
 
 Each case is benchmarked twice, ``impl=kernel`` (``std_ext``) and ``impl=torch``
 (``bench/torch_paths.py``); ``bench/conftest.py`` prints kernel median / torch median per pair.

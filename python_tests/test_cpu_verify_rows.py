@@ -9,6 +9,12 @@ call, and the result is the same on one thread as on two. Values are checked aga
 float64 reference, at head dims that take each tile width and the scalar tail.
 """
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, assert_attention_output, ints, make_cache, make_indices, make_q
@@ -101,3 +107,31 @@ def test_dense_rows_see_exactly_their_prefix(gen):
         out = dense(q, k2, v2, ints([n], "cpu"))
         assert torch.equal(out[:, : i + 1], base[:, : i + 1]), f"rows <= {i} saw position {pos}"
         assert not torch.equal(out[:, i + 1 :], base[:, i + 1 :]), f"rows > {i} ignored position {pos}"
+
+
+@pytest.mark.skipif(bool(os.environ.get("STD_EXT_CPU_BASELINE")), reason="already the baseline build")
+def test_baseline_build_in_a_subprocess():
+    """The block primitives' baseline x86-64 build (what a CPU without AVX2 + FMA runs; this
+    machine runs the AVX2 one): the tests above again in a process that selects it."""
+    env = dict(os.environ, STD_EXT_CPU_BASELINE="1")
+    here = Path(__file__).resolve()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(here), "-q", "-x", "-p", "no:cacheprovider",
+         "-k", "not baseline and (float32 or bfloat16)"],
+        cwd=here.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    # ...and the variable did select the other build: it rounds without FMA contraction.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 10, 9, 64), torch.randn(1, 3, 3000, 64), torch.randn(1, 3, 3000, 64)
+    kv_len = ints([3000], "cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "io.pt"
+        torch.save((q, k, v, kv_len), path)
+        script = (f"import torch, std_ext; q, k, v, n = torch.load({str(path)!r}); "
+                  f"torch.save(std_ext.ops.dense_attention(q, k, v, n), {str(path)!r})")
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+        baseline = torch.load(path)
+    here_out = std_ext.ops.dense_attention(q, k, v, kv_len)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # this process runs the AVX2 build
+        assert not torch.equal(baseline, here_out), "STD_EXT_CPU_BASELINE=1 did not change the build"
+    torch.testing.assert_close(baseline, here_out, atol=1e-5, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -35,9 +36,12 @@ namespace std_ext::cpu::baseline {
 namespace std_ext::cpu {
 namespace {
 
+// STD_EXT_CPU_BASELINE=1 in the environment forces the baseline build, so that its tests
+// can run on a machine with AVX2.
 bool use_avx2() {
 #if STD_EXT_HAS_AVX2_BUILD
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           std::getenv("STD_EXT_CPU_BASELINE") == nullptr;
   return avx2;
 #else
   return false;

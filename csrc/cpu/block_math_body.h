@@ -35,24 +35,32 @@ STD_EXT_INLINE Vec load8(const c10::Half* p) {
   return x;
 }
 
+// Two-vector lane shuffle (Clang and GCC >= 12 spell it __builtin_shufflevector; GCC
+// before 12 only knows __builtin_shuffle with a mask vector).
+#if defined(__clang__) || __GNUC__ >= 12
+#define STD_EXT_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define STD_EXT_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IntVec{__VA_ARGS__})
+#endif
+
 // r[i][k] -> r[k][i] for an 8 x 8 tile (unpack, 2-lane shuffles, 128-bit halves).
 STD_EXT_INLINE void transpose8(Vec r[8]) {
   Vec t[8], u[8];
   for (int i = 0; i < 4; ++i) {
-    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], IntVec{0, 8, 1, 9, 4, 12, 5, 13});
-    t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], IntVec{2, 10, 3, 11, 6, 14, 7, 15});
+    t[2 * i] = STD_EXT_SHUFFLE(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * i + 1] = STD_EXT_SHUFFLE(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int h = 0; h < 2; ++h) {  // rows 0-3, then rows 4-7
     Vec* tt = t + 4 * h;
     Vec* uu = u + 4 * h;
-    uu[0] = __builtin_shuffle(tt[0], tt[2], IntVec{0, 1, 8, 9, 4, 5, 12, 13});
-    uu[1] = __builtin_shuffle(tt[0], tt[2], IntVec{2, 3, 10, 11, 6, 7, 14, 15});
-    uu[2] = __builtin_shuffle(tt[1], tt[3], IntVec{0, 1, 8, 9, 4, 5, 12, 13});
-    uu[3] = __builtin_shuffle(tt[1], tt[3], IntVec{2, 3, 10, 11, 6, 7, 14, 15});
+    uu[0] = STD_EXT_SHUFFLE(tt[0], tt[2], 0, 1, 8, 9, 4, 5, 12, 13);
+    uu[1] = STD_EXT_SHUFFLE(tt[0], tt[2], 2, 3, 10, 11, 6, 7, 14, 15);
+    uu[2] = STD_EXT_SHUFFLE(tt[1], tt[3], 0, 1, 8, 9, 4, 5, 12, 13);
+    uu[3] = STD_EXT_SHUFFLE(tt[1], tt[3], 2, 3, 10, 11, 6, 7, 14, 15);
   }
   for (int i = 0; i < 4; ++i) {
-    r[i] = __builtin_shuffle(u[i], u[i + 4], IntVec{0, 1, 2, 3, 8, 9, 10, 11});
-    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], IntVec{4, 5, 6, 7, 12, 13, 14, 15});
+    r[i] = STD_EXT_SHUFFLE(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = STD_EXT_SHUFFLE(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
@@ -360,3 +368,4 @@ void block_weighted_sum(const float* p, int64_t rows, int64_t head_dim, const fl
       [&](int64_t r0) { weighted_sum_block_rows<2>(p + r0 * kKeyBlock, head_dim, v, acc + r0 * head_dim); },
       [&](int64_t r0) { weighted_sum_block_rows<1>(p + r0 * kKeyBlock, head_dim, v, acc + r0 * head_dim); });
 }
+#undef STD_EXT_SHUFFLE
