@@ -111,14 +111,14 @@ MUTANTS = (
     Mutant("query_copy_not_committed", DECODE,
            "    }\n    mma::cp_async_commit();\n  }\n  {\n    int first_indices", "    }\n  }\n  {\n    int first_indices",
            "the queries' copies are not committed as their own group: the first wait does not cover them", ATTENTION),
-    Mutant("next_split_keeps_accumulators", DECODE,
-           "    for (int n = 0; n < kAccBlocks; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;\n"
-           "    row_max[0] = row_max[1] = -INFINITY;\n",
-           "    row_max[0] = row_max[1] = -INFINITY;\n",
-           "a block that takes several splits starts the next one with the last one's P.V sums", ATTENTION),
+    # (Not resetting acc or the row sums would be an equivalent mutant: with the running max
+    # back at -inf, the next split's first tile rescales them by exp2(-inf) = 0.)
+    Mutant("next_split_keeps_running_max", DECODE,
+           "    row_max[0] = row_max[1] = -INFINITY;\n", "",
+           "a block that takes several splits starts the next one from the last one's running max", ATTENTION),
     Mutant("split_finished_a_tile_early", DECODE,
-           "if (tile.order + 1 == block.split_tiles(tile.split_index))",
-           "if (tile.order + 2 == block.split_tiles(tile.split_index))",
+           "    if (j + 1 == split_end && j + 1 < num_tiles) {\n",
+           "    if (j + 2 == split_end && j + 1 < num_tiles) {\n",
            "a block that takes several splits writes a split out before its last tile", ATTENTION),
     Mutant("block_takes_neighbouring_splits", PLAN,
            "  STD_EXT_HOST_DEVICE int split(int i) const { return first_split + i * split_blocks; }",

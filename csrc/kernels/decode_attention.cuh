@@ -424,6 +424,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   // The main loop's first barrier orders these reads before tile kStages - 1 refills the stage.
 
+  int split_index = 0;                       // the block's split that tile j belongs to
+  int split_end = block.split_tiles(0);      // the block's first tile past that split
   for (int j = 0; j < num_tiles; ++j) {
     mma::cp_async_wait<kPendingAtK>();
     // Tile j's K (rows layout: and V) has landed for every thread, and every warp is done
@@ -546,16 +548,17 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
     // The last tile of one of the block's splits, and another follows: that split is done.
-    if (j + 1 < num_tiles) {
-      const DecodeBlockTiles::Tile tile = block.tile(j);
-      if (tile.order + 1 == block.split_tiles(tile.split_index)) finish_split(block.split(tile.split_index));
+    if (j + 1 == split_end && j + 1 < num_tiles) {
+      finish_split(block.split(split_index));
+      ++split_index;
+      split_end += block.split_tiles(split_index);
     }
   }
   mma::cp_async_wait<0>();  // no copy may outlive the block (they are all empty by now)
   // The merge (a dependent launch) may start its blocks now; it waits for this grid's
   // completion before reading anything.
   mma::launch_dependent_grids();
-  finish_split(block.split(num_tiles > 0 ? block.tile(num_tiles - 1).split_index : 0));
+  finish_split(block.split(split_index));
 }
 
 // One block per output row merges all num_splits partials at once: thread s takes split
