@@ -21,11 +21,25 @@ Run (the full grid takes about an hour on 2 CPU cores)::
     PYTHONPATH=. python bench/agreement.py --out bench/agreement.md --plot bench/agreement_bytes.png
 
 ``--quick`` runs a small grid (2 pairs, 512-token documents) in a few minutes.
+
+The precision axis (issue 22): ``--draft-weights`` runs every configuration with the draft's
+linear layers at each precision, after the one prefill. The report adds the grid (precision x
+budget: agreement / accepted drafts per verify) and the same configurations against the draft
+step's total bytes (weights at the precision + the batch's keep-set reads), with the speedup
+``std_ext.budget.predicted_speedup`` gives for those bytes at the measured agreement (the
+bandwidth floor; it ranks precisions, a CPU's compute-bound verify keeps it from being a
+prediction of CPU time). The grid of ``bench/RESULTS.md`` (about 25 minutes on the shared
+2-core machine; fp8 is the CPU's dequantize-then-matmul reference, half of the time)::
+
+    PYTHONPATH=. python bench/agreement.py --pairs 2 --doc-tokens 1024 --budgets 128 256 512 --gammas 4 \
+        --policies question --draft-weights model bf16 fp8 int8 int4 --max-new-tokens 24 --threads 1 \
+        --precision-plot bench/agreement_precision_grid.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import defaultdict
@@ -178,19 +192,60 @@ def _finish(figure, axes, gamma: int, xlabel: str, title: str, path: str) -> Non
     figure.savefig(path, dpi=110)
 
 
-def precision_table(records: list[AgreementRecord], gamma: int) -> str:
+def precision_table(records: list[AgreementRecord], gamma: int, floor=None) -> str:
     """Per (policy, budget, draft precision): agreement and accepted drafts against the draft
-    step's *total* bytes (weights at the precision + the batch's keep-set reads)."""
-    lines = ["| policy | budget | draft weights | weights MB | KV MB (batch) | total MB | agreement | "
-             f"accepted / round (γ {gamma}) |", "|" + "---|" * 8]
+    step's *total* bytes (weights at the precision + the batch's keep-set reads).
+
+    With ``floor`` (a record -> (γ, speedup) function, see :func:`speedup_floor`) a last column
+    gives the speedup the engine's cost model predicts from those bytes and the measured agreement.
+    """
+    head = ("| policy | budget | draft weights | weights MB | KV MB (batch) | total MB | agreement | "
+            f"accepted / round (γ {gamma}) |")
+    lines = [head + (" bandwidth floor (best γ) |" if floor else ""), "|" + "---|" * (9 if floor else 8)]
     for r in records:
         if r.gamma != gamma:
             continue
         first = next(x for x in records if (x.policy, x.budget, x.draft_weights) == (r.policy, r.budget, r.draft_weights))
-        lines.append(f"| {r.policy} | {r.budget} | {r.draft_weights or 'model'} | {r.draft_weight_bytes / MB:.1f} | "
-                     f"{r.batch * r.draft_kv_bytes / MB:.1f} | {r.draft_total_bytes / MB:.1f} | {first.agreement:.3f} | "
-                     f"{r.mean_accepted:.2f} |")
+        line = (f"| {r.policy} | {r.budget} | {r.draft_weights or 'model'} | {r.draft_weight_bytes / MB:.1f} | "
+                f"{r.batch * r.draft_kv_bytes / MB:.1f} | {r.draft_total_bytes / MB:.1f} | {first.agreement:.3f} | "
+                f"{r.mean_accepted:.2f} |")
+        if floor:
+            best, speedup = floor(dataclasses.replace(r, agreement=first.agreement))
+            line += f" {speedup:.2f}x (γ {best}) |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def precision_grid(records: list[AgreementRecord], gamma: int) -> str:
+    """Markdown: draft precision x keep budget, per policy; each cell the agreement and the
+    accepted drafts per verify at ``gamma`` (the grid the precision table lists by bytes)."""
+    budgets = sorted({r.budget for r in records}, key=_budget_order)
+    lines = ["| policy | draft weights | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+             "|" + "---|" * (2 + len(budgets))]
+    cells = {}
+    for r in records:
+        if r.gamma == gamma:
+            first = next(x for x in records if (x.policy, x.budget, x.draft_weights) == (r.policy, r.budget, r.draft_weights))
+            cells[(r.policy, r.draft_weights or "model", r.budget)] = f"{first.agreement:.3f} / {r.mean_accepted:.2f}"
+    for policy, precision in dict.fromkeys((p, w) for p, w, _ in cells):
+        lines.append(f"| {policy} | {precision} | "
+                     + " | ".join(cells.get((policy, precision, b), "-") for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def speedup_floor(cost: budget_model.DraftCost, context: float, max_new_tokens: int, gamma_max: int = 12):
+    """record -> (best γ, speedup): :func:`std_ext.budget.predicted_speedup` (the prices of
+    ``budget="auto"``) for the record's draft weights, keep-set reads and measured agreement,
+    every step costing its bytes. A bandwidth floor: on the CPU the verify's attention is
+    compute-bound (see RESULTS), so it ranks precisions by bytes and agreement, not by measured time."""
+
+    def floor(record: AgreementRecord) -> tuple[int, float]:
+        draft = dataclasses.replace(cost, draft_weight_bytes=int(record.draft_weight_bytes))
+        return budget_model.predicted_speedup(draft, batch=record.batch, context=int(context),
+                                              keep=int(round(record.draft_positions)), max_new_tokens=max_new_tokens,
+                                              agreement=record.agreement, gamma_max=gamma_max)
+
+    return floor
 
 
 def precision_plot(records: list[AgreementRecord], gamma: int, path: str, title: str) -> None:
@@ -212,8 +267,7 @@ def precision_plot(records: list[AgreementRecord], gamma: int, path: str, title:
         label = f"{policy}, {precision or 'model'} weights"
         axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         axes[1].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
-    _finish(figure, axes, gamma, "draft-step MB over the batch (weights at the draft's precision + keep-set reads)",
-            title, path)
+    _finish(figure, axes, gamma, "draft-step MB, batch (weights + keep sets)", title, path)
 
 
 # Qwen2-7B's text decoder (bench/e2e.py's shape), bf16: what a draft step reads per forward
@@ -354,8 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         parts += ["budget='auto' for a Qwen2-7B-shaped video LLM (bf16, 64 text tokens, 256 new tokens), computed "
                   "from std_ext.budget's cost model (no model run):", qwen_auto_table(policies)]
     if len(args.draft_weights) > 1:
-        parts += [f"The precision axis (γ = {rate_gamma}): the draft's linear layers at each precision; bytes per "
-                  "draft step over the batch, weights read once:", precision_table(all_records, rate_gamma)]
+        from std_ext.models import ModelAdapter
+
+        cost = budget_model.model_cost(ModelAdapter.for_model(model), model.dtype)
+        floor = speedup_floor(cost, float(attention_mask.sum(1).float().mean()), args.max_new_tokens)
+        parts += [f"The precision axis (γ = {rate_gamma}): agreement / accepted drafts per verify, draft precision x "
+                  "budget:", precision_grid(all_records, rate_gamma),
+                  "The same against the draft step's total bytes over the batch (weights read once + keep-set "
+                  "reads); the bandwidth floor is std_ext.budget.predicted_speedup with the measured agreement "
+                  "(verify and vanilla read the model's weights and every cached position):",
+                  precision_table(all_records, rate_gamma, floor)]
     report = "\n\n".join(parts)
     print(report)
     if args.plot:

@@ -48,7 +48,8 @@ def test_plot(tmp_path):
 
 
 def test_the_precision_axis(tmp_path, capsys):
-    """--draft-weights model int4: every configuration at both precisions, with the total bytes."""
+    """--draft-weights model int4: every configuration at both precisions, with the total bytes,
+    in the grid (precision x budget) and on the bytes axis with its bandwidth floor."""
     out, png = tmp_path / "agreement.md", tmp_path / "precision.png"
     argv = ["--pairs", "1", "--doc-tokens", "96", "--budgets", "4096", "16", "--gammas", "3", "--max-new-tokens", "5",
             "--policies", "question", "--draft-weights", "model", "int4", "--out", str(out)]
@@ -56,7 +57,7 @@ def test_the_precision_axis(tmp_path, capsys):
         argv += ["--precision-plot", str(png)]
     assert agreement.main(argv) == 0
     report = out.read_text()
-    rows = [line.split(" | ") for line in report.splitlines() if line.count("|") == 9 and "| question |" in line
+    rows = [line.split(" | ") for line in report.splitlines() if line.count("|") == 10 and "| question |" in line
             and ("| model |" in line or "| int4 |" in line)]
     assert {(cells[1], cells[2]) for cells in rows} == {(b, p) for b in ("4096", "16") for p in ("model", "int4")}
     for cells in rows:
@@ -64,5 +65,17 @@ def test_the_precision_axis(tmp_path, capsys):
         assert total == pytest.approx(weights + kv, abs=0.11)
     weights = {cells[2]: float(cells[3]) for cells in rows}
     assert weights["int4"] < weights["model"] / 4  # SmolLM2's float32 linear layers at 4 bits (+ group scales)
+    # the floor: at the same agreement, fewer draft bytes never predict less speedup
+    floors = sorted((float(cells[6]), float(cells[5]), float(cells[8].split("x")[0])) for cells in rows)
+    for (a1, total1, floor1), (a2, total2, floor2) in zip(floors, floors[1:]):
+        if a1 == a2:
+            assert (total1 - total2) * (floor1 - floor2) <= 0, floors
+    # the grid: one row per precision, a cell per budget, the same agreement as the long table
+    grid = {line.split(" | ")[1]: line.split(" | ")[2:] for line in report.splitlines()
+            if line.startswith("| question | ") and line.count("|") == 5 and " / " in line}
+    assert set(grid) == {"model", "int4"}
+    for cells in rows:
+        column = 0 if cells[1] == "16" else 1  # the budgets' order: integers ascending
+        assert grid[cells[2]][column].split(" / ")[0] == cells[6]
     if png.exists():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
