@@ -356,7 +356,7 @@ def measure(model, settings: Settings, context: int, batch: int, bandwidth: floa
     notes = []
     for precision in settings.draft_weights:  # the draft step at each precision: the floor table, measured
         try:
-            std_ext.draft_weights.check_draft_weights(precision, settings.device, tensor_parallel=settings.tp > 1)
+            std_ext.draft_weights.check_draft_weights(precision, settings.device)
         except ValueError as error:
             notes.append(str(error))
             continue

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import std_ext
+import std_ext.budget
 import std_ext.draft_weights as dw
 from test_generate import new_tokens
 from test_tensor_parallel import _inputs, _settings, _spawn, saved_checkpoints
@@ -62,6 +63,11 @@ def _copy_checks(model, kind: str) -> dict:
         whole = dw.draft_weights_for(single, std_ext.models.ModelAdapter.for_model(single).decoder, precision)
         checks[precision] = (all(own_shard), len(own_shard), copy.nbytes / whole.nbytes,
                              copy.original_bytes / whole.original_bytes)
+    # budget="auto" prices one rank's draft step: its shards, its quantized copy (of them)
+    ours, theirs = std_ext.budget.model_cost(adapter, torch.float32, copy), \
+        std_ext.budget.model_cost(std_ext.models.ModelAdapter.for_model(single), torch.float32, whole)
+    checks["cost"] = (ours.weight_bytes / theirs.weight_bytes, ours.draft_weights_read / theirs.draft_weights_read,
+                      ours.position_bytes / theirs.position_bytes)
     return checks
 
 
@@ -141,7 +147,11 @@ def test_two_cpu_ranks_quantize_their_own_shards_and_stay_lossless(checkpoints):
         agreement = {}
         for kind in KINDS:
             assert results[(kind, "sampled")] == sampled[kind], (rank, kind)
-            for precision, (own_shard, layers, held, original) in results[(kind, "copy")].items():
+            copy_checks = dict(results[(kind, "copy")])
+            weights, draft, positions = copy_checks.pop("cost")
+            # replicated norms keep the weights a little above half; the KV heads are split exactly
+            assert 0.5 <= weights < 0.51 and 0.49 < draft < 0.53 and positions == 0.5, (rank, kind, weights, draft)
+            for precision, (own_shard, layers, held, original) in copy_checks.items():
                 assert own_shard and layers == 2 * 7 + 1, (rank, kind, precision)
                 assert original == 0.5, (rank, kind, precision)  # every decoder linear and the head are sharded
                 assert 0.49 < held < 0.52, (rank, kind, precision, held)  # + a row-parallel layer's own scales

@@ -91,7 +91,9 @@ def model_cost(adapter, dtype: torch.dtype, draft_weights=None) -> DraftCost:
     Weights: the decoder layers, the final norm and the output projection, the parameters a
     draft step reads in full (a vision tower runs at prefill only; the input embedding reads
     one row per token). With ``draft_weights`` (a :class:`~std_ext.draft_weights.DraftWeights`)
-    a draft step reads its quantized layers in place of the originals.
+    a draft step reads its quantized layers in place of the originals. Under tensor
+    parallelism every figure is one rank's: its shards of the weights (the quantized copy is
+    made of them), its KV heads.
     """
     seen: set[int] = set()
     total = 0
@@ -102,7 +104,9 @@ def model_cost(adapter, dtype: torch.dtype, draft_weights=None) -> DraftCost:
         for parameter in module.parameters():
             if id(parameter) not in seen:  # tied weights are read once
                 seen.add(id(parameter))
-                total += parameter.numel() * parameter.element_size()
+                # a tensor-parallel (DTensor) parameter: the shard this rank reads
+                local = parameter.to_local() if hasattr(parameter, "device_mesh") else parameter
+                total += local.numel() * local.element_size()
     element = torch.empty((), dtype=dtype).element_size()
     draft = None if draft_weights is None else total - draft_weights.original_bytes + draft_weights.weight_bytes
     return DraftCost(total, 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * element, draft)

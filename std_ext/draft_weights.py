@@ -64,14 +64,13 @@ def _error(message: str) -> ValueError:
     return ValueError(f"std_ext.generate: draft_weights: {message}")
 
 
-def check_draft_weights(draft_weights, device: torch.device, tensor_parallel: bool = False) -> None:
+def check_draft_weights(draft_weights, device: torch.device) -> None:
     """Refuse, before any work, a ``draft_weights`` this device cannot run.
 
     ``None`` (the model's own weights) is always valid. Raises ``ValueError`` naming
-    ``draft_weights`` and the precision. ``tensor_parallel`` changes nothing (every precision
-    runs on a tensor-parallel model, each rank on its own shard); callers that pass it keep working.
+    ``draft_weights`` and the precision. Every precision also runs on a tensor-parallel
+    model, each rank quantizing its own shard.
     """
-    del tensor_parallel
     if draft_weights is None:
         return
     if draft_weights not in PRECISIONS:
