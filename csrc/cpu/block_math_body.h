@@ -197,12 +197,12 @@ STD_EXT_INLINE void weighted_sum_last_tile(int64_t vecs, const float* p_tile, in
 template <int kRows>
 STD_EXT_INLINE void weighted_sum_block_rows(const float* p_tile, int64_t head_dim, const float* v,
                                             float* acc_tile) {
+  // Output-dim tiles of kWide vectors, one narrower tile, then a scalar tail: any head_dim.
   constexpr int kWide = kRows >= 4 ? 3 : (kRows >= 2 ? 4 : 8);
   int64_t d0 = 0;
   for (; d0 + kWide * kLanes <= head_dim; d0 += kWide * kLanes) {
     weighted_sum_tile<kRows, kWide>(p_tile, head_dim, v + d0, acc_tile + d0);
   }
-  // Output-dim tiles of kWide vectors, one narrower tile, then a scalar tail: any head_dim.
   const int64_t vecs = (head_dim - d0) / kLanes;
   weighted_sum_last_tile<kRows, kWide - 1>(vecs, p_tile, head_dim, v + d0, acc_tile + d0);
   d0 += vecs * kLanes;
@@ -229,8 +229,7 @@ STD_EXT_INLINE void for_row_tiles(int64_t rows, FullTile full, R3 three, R2 two,
 }
 
 STD_EXT_INLINE float exp_shifted_and_sum_impl(float* x, int64_t n, float shift) {
-  // Lane-wise partial sums, then the lanes in order: the grouping depends only on n,
-  // and the online softmax always passes full blocks.
+  // Lane-wise partial sums, then the lanes in order: the grouping depends only on n.
   Vec sum = {};
   const Vec shift_v = broadcast(shift);
   int64_t i = 0;
