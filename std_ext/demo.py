@@ -67,7 +67,7 @@ class Settings:
 # The text demo drafts with an int8 copy of the weights: on SmolLM2 at 7.5K tokens it agreed as
 # often as the float32 draft (0.85 per token) at under half its draft-step time, and γ 4 /
 # budget 256 was the fastest setting measured on a 2-core CPU (bench/RESULTS.md, issue 22).
-TEXT_DEFAULTS = Settings(gamma=4, budget=256, max_new_tokens=48, draft_weights="int8")
+TEXT_DEFAULTS = Settings(gamma=9, budget=1024, max_new_tokens=48, draft_weights="int8")
 VIDEO_DEFAULTS = Settings(gamma=6, budget=512, max_new_tokens=48)
 
 # ---------------------------------------------------------------------------- the video model
