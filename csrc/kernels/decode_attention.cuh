@@ -243,11 +243,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int copy_row0 = tid / kChunksPerRow;
   int prefetched_index[kRowsPerThread];  // raw indices of the next tile to issue (sparse)
 
-  auto first_entry = [&](int j) { return block.first_entry(j); };
+  // First list entry of the block's tile j; past its last tile, an entry past any list (so
+  // nothing is read), which also keeps DecodeBlockTiles::tile within its range.
+  auto first_entry = [&](int j) { return j < num_tiles ? block.first_entry(j) : INT_MAX - kTileKeys; };
 
   auto load_indices = [&](int j, int (&indices)[kRowsPerThread]) {
     if constexpr (kSparse) {
-      const int base = j < num_tiles ? first_entry(j) : INT_MAX - kTileKeys;
+      const int base = first_entry(j);
 #pragma unroll
       for (int r = 0; r < kRowsPerThread; ++r) {
         const int e = base + copy_row0 + r * kRowStep;
@@ -266,7 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int stage = j % kStages;
     T* k_dst = kv_smem + 2 * stage * kTileElems;
     T* v_dst = k_dst + kTileElems;
-    const int base = j < num_tiles ? first_entry(j) : INT_MAX - kTileKeys;  // past the list: nothing
+    const int base = first_entry(j);
     int position[kRowsPerThread];  // -1: nothing to read (zero-filled)
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {

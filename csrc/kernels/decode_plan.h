@@ -24,9 +24,10 @@
 // so the generated tail of a draft spreads over splits of its own instead of lengthening
 // one. num_splits x batch x KV heads blocks of the keys layout (plain decoding) fit in at
 // most one wave of the GPU (floor(SMs x its blocks per SM / (batch x KV heads)) splits,
-// so a wave may be partly idle). A call whose layout is less resident than the keys
-// layout (the rows layout's eight-warp variant) or that needs several row groups may take
-// more than one wave: bench/latency_model.py predicts where.
+// so a wave may be partly idle). A call whose variant is less resident than the keys
+// layout (the rows layout's eight-warp variant) or that needs several row groups gives
+// each block several splits in turn (splits_per_block), so it too is one wave where one
+// split per (sequence, KV head, row group) block fits at all.
 //
 // Which warps compute what (the layout) may depend on Qn x G: every layout computes each
 // row in the same order (see decode_attention.cuh), so it never changes a bit.
@@ -157,8 +158,8 @@ STD_EXT_HOST_DEVICE inline int decode_tile_first_entry(int split, int order, int
 }
 
 // The tiles of one block of the grid's first dimension, which takes splits first_split,
-// first_split + split_blocks, ... (below num_splits), each one's tiles in order, as one
-// sequence: its tile `flat` is tile `order` of `split`, the last of that split's `tiles`.
+// first_split + split_blocks, ... (below num_splits) in turn, as one sequence numbered
+// 0 .. tiles - 1: the block's splits one after the other, each one's tiles in order.
 // Splits below list_tiles % num_splits hold one tile more than the others, so the block's
 // first `longer` splits hold `shorter + 1` tiles and the rest `shorter`.
 struct DecodeBlockTiles {
