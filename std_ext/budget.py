@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local_shard
 from .gamma import best_gamma, round_speedup
 
 __all__ = ["DEFAULT_TOLERANCE", "PRIOR_AGREEMENT", "DraftCost", "AutoBudget", "model_cost", "shape_cost",
@@ -104,8 +105,7 @@ def model_cost(adapter, dtype: torch.dtype, draft_weights=None) -> DraftCost:
         for parameter in module.parameters():
             if id(parameter) not in seen:  # tied weights are read once
                 seen.add(id(parameter))
-                # a tensor-parallel (DTensor) parameter: the shard this rank reads
-                local = parameter.to_local() if hasattr(parameter, "device_mesh") else parameter
+                local = local_shard(parameter)  # tensor parallelism: the shard this rank reads
                 total += local.numel() * local.element_size()
     element = torch.empty((), dtype=dtype).element_size()
     draft = None if draft_weights is None else total - draft_weights.original_bytes + draft_weights.weight_bytes

@@ -17,6 +17,11 @@ import torch
 _CPU_GROUPS: dict[int, object] = {}  # id(default group) -> a gloo group over the same ranks
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel (DTensor) parameter; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
+
+
 def tensor_parallel_size(model: torch.nn.Module) -> int:
     """How many ranks share this model's heads (1: not tensor-parallel)."""
     size = getattr(model, "_tp_size", None)

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local_shard
+
 PRECISIONS = ("bf16", "fp8", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 """int4 group size: input features sharing one scale and zero point (gpt-fast's default).
@@ -211,11 +213,6 @@ class _Fp8Linear(_QuantizedLinear):
         return y * self.scale
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a tensor-parallel (DTensor) parameter; the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "device_mesh") else tensor
-
-
 class _Sharding:
     """The tensor-parallel plan's own input and output transforms around a rank's quantized shard.
 
@@ -265,8 +262,9 @@ def _sharding_of(module: torch.nn.Linear, precision: str) -> tuple[_Sharding, bo
 
 def _quantize_linear(module: torch.nn.Linear, precision: str) -> _QuantizedLinear:
     sharding = _sharding_of(module, precision)
-    weight = _local(module.weight.detach())
-    bias = None if module.bias is None or (sharding is not None and not sharding[1]) else _local(module.bias.detach())
+    weight = local_shard(module.weight.detach())
+    row_parallel = sharding is not None and not sharding[1]  # the plan adds the bias after the reduce
+    bias = None if module.bias is None or row_parallel else local_shard(module.bias.detach())
     quantized = _quantize(module, weight, bias, precision)
     quantized.sharded = None if sharding is None else sharding[0]
     return quantized
@@ -355,7 +353,7 @@ def draft_weights_for(model: torch.nn.Module, decoder: torch.nn.Module, precisio
     layer's weight was changed in place since (its version counter moved).
     """
     linears = draft_linears(model, decoder)
-    versions = tuple(_local(m.weight)._version for m in linears)
+    versions = tuple(local_shard(m.weight)._version for m in linears)
     per_model = _CACHE.setdefault(model, {})
     cached = per_model.get(precision)
     if cached is not None and cached.versions == versions and len(cached.layers) == len(linears) and all(
@@ -365,7 +363,7 @@ def draft_weights_for(model: torch.nn.Module, decoder: torch.nn.Module, precisio
         layers = [(m, _quantize_linear(m, precision)) for m in linears]
     held = sum(q.nbytes for _, q in layers)
     weight_bytes = held if precision != "bf16" else sum(q.weight.nbytes for _, q in layers)
-    original = sum(_local(m.weight).nbytes for m in linears)
+    original = sum(local_shard(m.weight).nbytes for m in linears)
     per_model[precision] = DraftWeights(precision=precision, layers=layers, nbytes=held, weight_bytes=weight_bytes,
                                         original_bytes=original, versions=versions)
     return per_model[precision]
